@@ -1025,37 +1025,38 @@ def hub_from_pretrained(cls, name, flag, **kwargs):
 # ----------------------------------------------------------------------------------------------
 # image sets and train-time augmentation
 # ----------------------------------------------------------------------------------------------
-def load_image_set(folder, classes, ipc=None, size=None):
+def load_image_set(folder, classes, ipc=None, size=None, return_rows=False):
     """An ImageFolder-layout set (the on-disk contract or any other tool's) as uint8 [N,3,H,W] plus
     targets, in ImageFolder order; `ipc` keeps the first ipc files (sorted) of each class. Images
-    whose size differs from the first are resized to `size`. Bad sets stop with one sentence."""
+    whose size differs from the first are resized to `size`. With return_rows, also the position
+    of each kept image in the whole set (the row of soft_labels.pt). Bad sets stop with one sentence."""
     from PIL import Image
     if not os.path.isdir(folder):
-        raise UserError(f"--syn-data-path {folder} does not exist")
+        raise UserError(f"the set {folder} does not exist")
     check_classes_json(folder, classes)
-    dirs = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    dirs = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith(".") and e.name != "fkd")
     if len(dirs) != len(classes):
         raise UserError(f"{folder} has {len(dirs)} class folders but the dataset has {len(classes)} classes")
     exts = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-    images, targets, first = [], [], None
+    images, targets, rows, offset = [], [], [], 0
     for c, d in enumerate(dirs):
         files = sorted(f for f in os.listdir(os.path.join(folder, d)) if f.lower().endswith(exts))
         if not files:
             raise UserError(f"class folder {os.path.join(folder, d)} holds no images")
         if ipc is not None and len(files) < ipc:
             raise UserError(f"class folder {os.path.join(folder, d)} holds {len(files)} images, fewer than --ipc {ipc}")
-        for f in files[:ipc]:
-            x = torch.from_numpy(np.asarray(_checked_loader(os.path.join(folder, d, f)))).permute(2, 0, 1)
-            first = first if first is not None else x.shape
-            if x.shape != first:
-                x = F.interpolate(x[None].float(), size=(size, size), mode="bilinear", antialias=True)[0].round().clamp(0, 255).to(torch.uint8)
-                first = first if first[-1] == size else None
-            images.append(x)
+        for k, f in enumerate(files[:ipc]):
+            images.append(torch.from_numpy(np.asarray(_checked_loader(os.path.join(folder, d, f)))).permute(2, 0, 1))
             targets.append(c)
+            rows.append(offset + k)
+        offset += len(files)
     if any(x.shape != images[0].shape for x in images):
-        images = [x if x.shape[-1] == size else F.interpolate(x[None].float(), size=(size, size), mode="bilinear",
+        if size is None:
+            raise UserError(f"{folder} holds images of different sizes")
+        images = [x if x.shape[-2:] == (size, size) else F.interpolate(x[None].float(), size=(size, size), mode="bilinear",
                   antialias=True)[0].round().clamp(0, 255).to(torch.uint8) for x in images]
-    return torch.stack(images), torch.tensor(targets)
+    out = (torch.stack(images), torch.tensor(targets))
+    return out + (torch.tensor(rows),) if return_rows else out
 
 
 class ShufflePatches:

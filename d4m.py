@@ -1,0 +1,368 @@
+"""D4M: Dataset Distillation via Disentangled Diffusion Model.
+
+Su, Hou, Gu, Li, Chen, Hui. CVPR 2024. arXiv:2407.15138. Official code: github.com/suduo94/D4M (@da35d10).
+Spec of the official code: shared/specs/d4m_vlcp.md §1-2 (section numbers below refer to it).
+
+Pipeline (one stage each in main()):
+  1. encode every training image with the Stable Diffusion VAE (a seeded sample, §1.2), class by class;
+  2. per class, MiniBatchKMeans over the latents -> IPC "prototype" latents (§2.2);
+  3. stock img2img from each prototype, prompted with the class name (§1.3, §1.4, §2.3);
+  4. training-time matching (TTM): FKD soft labels of a teacher stored per epoch (§2.4);
+  5. --eval: validate_fkd.py with the stored labels (fkd protocol, §2.5) or online ones (rded).
+
+Runs (the digits run needs no download: it uses a tiny random SD folder, so its images are noise):
+  python -c "import sys; sys.path.insert(0, 'tests'); from tiny_models import build_tiny_sd; build_tiny_sd('/tmp/tiny-sd')"
+  python d4m.py --model /tmp/tiny-sd --size 64 --steps 4 --ttm-epochs 2 --eval --eval-epochs 2
+      -> writes runs/d4m_digits_ipc10 (10 classes x 10 PNGs at 32 px, prototypes.pt, fkd/) and prints
+         "d4m digits ipc10: 100 images ... eval fkd top-1 ..." (the students learn little from noise)
+  python d4m.py --dataset imagenet --data-path $IMAGENET --ipc 10 --eval --eval-student resnet18
+      -> the paper's ImageNet-1K IPC10 setting (SD v1.5, km_expand 1, 50 PNDM steps, 224 px, ResNet-18 TTM)
+  torchrun --nproc_per_node 8 d4m.py --dataset imagenet --data-path $IMAGENET --ipc 50
+      -> classes and TTM epochs sharded over 8 GPUs; rerun the same command to resume
+
+Deliberate deviations from the official code (§4, §5), each for the reason given:
+  - stock diffusers StableDiffusionImg2ImgPipeline with the 4-channel prototype latent as `image`: the same maths
+    and RNG use as the repo's two custom pipelines (§1.3), with no copying of files into diffusers (§4.12, §5);
+    the latents are computed directly as vae.encode(2x-1).latent_dist.sample(g) * scaling_factor (§1.2);
+  - every class's last partial k-means buffer is flushed (the official code flushes only the last class, §4.1);
+    `--kmeans full` offers exact k-means instead;
+  - prompts come from the dataset's class list in torchvision order, so CIFAR-100 (§4.2), ImageNet's two
+    "crane" classes and Tiny-ImageNet's names (§4.3) are right; everything is keyed by class index (§4.4);
+  - output at the dataset's resolution (`--out-size`, official: 224 for every dataset, §4.5), class folders
+    00000.. with files 00000.png.. (official: unpadded folders and colliding names, §4.6, §4.7);
+  - the safety checker is off (official: on, flagged images come out black) and everything is seeded: one
+    generator per encoded image and per synthesized image (official: unseeded, §4.8);
+  - many prototypes per img2img call (`--batch-size`; official: one call per image); per-image generators make
+    the images independent of the batch composition;
+  - latents are streamed class by class, never all in memory (VLCP §4.4); classes are sharded over torchrun ranks;
+  - TTM labels are stored with common.fkd_generate and replayed by validate_fkd.py without patching torch's
+    DataLoader (official: patched _MapDatasetFetcher, mandatory wandb, broken import, §2.4, §4.10).
+"""
+import argparse
+import importlib.util
+import os
+import shutil
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import common
+
+NEGATIVE_PROMPT = "cartoon, anime, painting"  # both repos' unconditional branch (§1.4)
+
+# Per-dataset values; an explicit flag always beats them. Unlisted flags come from DEFAULTS.
+PRESETS = {
+    "imagenet": {
+        "km_expand": 1,  # official distillation/gen_prototype_imgnt.sh, gen_syn_image_imgnt.sh
+        "teacher": "resnet18",  # official matching/matching.sh (-a resnet18, torchvision weights)
+        "out_size": 224,  # official gen_syn_image.py:L69 (= the dataset's resolution here)
+    },
+    "tiny": {
+        "teacher": "resnet18_modified",  # not published (no Tiny TTM code): SRe2L/RDED's Tiny teacher
+    },
+    "cifar10": {
+        "teacher": "conv3",  # official issue #7: ConvNet-W128 teacher for CIFAR (depth 3: our choice)
+    },
+    "cifar100": {
+        "teacher": "conv3",  # official issue #7: ConvNet-W128 teacher for CIFAR (depth 3: our choice)
+    },
+    "digits": {
+        "teacher": "conv3",  # not published: the collection's cached digits teacher
+        "ttm_epochs": 30,  # not published: our choice for a CPU-sized run
+        "ttm_batch_size": 100,  # not published: our choice (= the whole IPC10 set)
+    },
+}
+DEFAULTS = {
+    "size": 512,  # official gen_prototype.py --size default (§1.2)
+    "km_expand": 10,  # official gen_prototype.py --km_expand default (§2.2)
+    "kmeans": "minibatch",  # official gen_prototype.py (§2.2)
+    "strength": 0.7,  # official gen_syn_image_imgnt.sh (argparse default 0.75, §2.3)
+    "guidance_scale": 8.0,  # official gen_syn_image_imgnt.sh -g 8 (§2.3)
+    "steps": 50,  # official: never passed, so the pipeline default (§1.1)
+    "teacher": "resnet18",  # official matching/matching.sh
+    "ttm_epochs": 300,  # official matching/generate_soft_label.py --epochs 300 (§2.4)
+    "ttm_batch_size": 1024,  # official matching/matching.sh -b 1024 (§2.4)
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_generic_args(p, ipc=10)
+    g = p.add_argument_group("generator (Stable Diffusion, §1.1)")
+    g.add_argument("--model", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
+                   help="hub id or local folder of a Stable Diffusion v1.x checkpoint (diffusers layout)")
+    g.add_argument("--scheduler", default=None, choices=("pndm", "ddim", "dpm"),
+                   help="sampler; default: the checkpoint's own (PNDM for SD v1.5, as the paper)")
+    g.add_argument("--size", type=int, default=None, help="images are squashed to size x size before encoding (§1.2)")
+    g.add_argument("--latent", default="sample", choices=("sample", "mean"),
+                   help="VAE posterior sample (official) or its mean")
+    g.add_argument("--encode-batch-size", type=int, default=16, help="images per VAE encode call")
+    g = p.add_argument_group("prototypes (§2.2)")
+    g.add_argument("--prototypes", type=int, default=None, help="k-means prototypes per class (default: --ipc); "
+                   "more images than prototypes reuse them with new noise")
+    g.add_argument("--km-expand", type=int, default=None, help="k-means partial_fit buffer = km_expand x prototypes latents")
+    g.add_argument("--kmeans", default=None, choices=("minibatch", "full"),
+                   help="minibatch: MiniBatchKMeans.partial_fit over buffers (official); full: exact KMeans")
+    g.add_argument("--save-latents", default=None, help="folder to keep each class's latents in k-means order (for inspection)")
+    g = p.add_argument_group("synthesis (§1.4, §2.3)")
+    g.add_argument("--strength", type=float, default=None, help="img2img strength: fraction of the steps run")
+    g.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
+    g.add_argument("--steps", type=int, default=None, help="num_inference_steps (36 of 50 run at strength 0.7)")
+    g.add_argument("--prompt-template", default="{name}", help="prompt for a class; {name} = the class name")
+    g.add_argument("--negative-prompt", default=NEGATIVE_PROMPT, help="the unconditional branch of CFG")
+    g.add_argument("--batch-size", type=int, default=8, help="prototypes per img2img call")
+    g.add_argument("--out-size", type=int, default=None, help="side of the written images (default: the dataset's resolution)")
+    g = p.add_argument_group("training-time matching (§2.4) and evaluation (§2.5)")
+    g.add_argument("--teacher", default=None, help=f"teacher architecture ({', '.join(common.ARCHS)})")
+    g.add_argument("--teacher-path", default=None, help="teacher checkpoint (default: torchvision weights for imagenet, cached for digits)")
+    g.add_argument("--ttm-epochs", type=int, default=None, help="epochs of stored FKD soft labels (0: none)")
+    g.add_argument("--ttm-batch-size", type=int, default=None, help="FKD batch size (the student replays the same batches)")
+    g.add_argument("--eval-protocol", default="fkd", choices=("fkd", "rded"), help="fkd: replay the stored TTM labels; rded: online teacher")
+    g.add_argument("--eval-epochs", type=int, default=None, help="student epochs (default: validate_fkd's, at most --ttm-epochs for fkd)")
+    g.add_argument("--eval-repeats", type=int, default=None, help="students trained (default: validate_fkd's)")
+    g.add_argument("--eval-student", default=None, help="student architecture (default: validate_fkd's)")
+    args = p.parse_args(argv)
+    common.apply_presets(args, PRESETS, DEFAULTS)
+    args.out = args.out or os.path.join("runs", f"d4m_{args.dataset}_ipc{args.ipc}")
+    args.prototypes = args.prototypes or args.ipc
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers, in the paper's words
+# ----------------------------------------------------------------------------------------------
+def image_seed(*keys):
+    """A 63-bit seed for one image's generator from (run seed, stage, class, image): independent of batching."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def generators(seeds):
+    # CPU generators: the same seed gives the same noise on the CPU and on any GPU
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def class_prompts(classes, template="{name}"):
+    """The prompt of each class index, from the dataset's own class list (§2.1, fixing §4.2-4.4)."""
+    return [template.format(name=c["name"]) for c in classes]
+
+
+def load_generator(args, device):
+    """Stock StableDiffusionImg2ImgPipeline (§1.3), fp16 on CUDA, safety checker off (§4.8)."""
+    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler,
+                           StableDiffusionImg2ImgPipeline)
+    dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
+    pipe = common.hub_from_pretrained(StableDiffusionImg2ImgPipeline, args.model, "--model", dtype=dtype,
+                                      safety_checker=None, requires_safety_checker=False,
+                                      low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None)
+    if args.scheduler:
+        cls = {"pndm": PNDMScheduler, "ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}[args.scheduler]
+        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+@torch.no_grad()
+def encode_latents(vae, images, seeds, mode="sample"):
+    """z = vae.encode(2x-1).latent_dist.sample(g) * scaling_factor (§1.2), one generator per image."""
+    x = (2 * images - 1).to(vae.device, vae.dtype)
+    dist = vae.encode(x).latent_dist
+    z = dist.sample(generator=generators(seeds)) if mode == "sample" else dist.mean
+    return z * vae.config.scaling_factor
+
+
+def class_latents(ds, indices, vae, args, size):
+    """Stream one class's images through the VAE in a seeded shuffled order (the official loader shuffles)."""
+    from torchvision.transforms import v2 as T
+    ds.transform = T.Compose([common.to_tensor(), T.Resize((size, size), antialias=True)])  # squash, no crop (§1.2)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, indices), batch_size=args.encode_batch_size,
+                                         num_workers=args.workers)
+    start = 0
+    for x, _ in loader:
+        seeds = [image_seed(args.seed, 1, i) for i in indices[start:start + len(x)]]
+        start += len(x)
+        yield encode_latents(vae, x, seeds, args.latent).flatten(1).cpu()
+
+
+def kmeans_prototypes(latent_batches, n_prototypes, km_expand, mode, seed):
+    """Per-class prototypes (§2.2). minibatch: the official MiniBatchKMeans(n_clusters=P, random_state,
+    batch_size=km_expand*P, n_init="auto") fed by partial_fit over buffers of km_expand*P latents, the last
+    partial buffer flushed too (§4.1). full: KMeans over all the class's latents. Returns (centres, latents)."""
+    from sklearn.cluster import KMeans, MiniBatchKMeans
+    seen, buffer, buffer_len = [], [], 0
+    km = MiniBatchKMeans(n_clusters=n_prototypes, random_state=seed, batch_size=km_expand * n_prototypes, n_init="auto")
+    for z in latent_batches:
+        seen.append(z)
+        if mode != "minibatch":
+            continue
+        buffer.append(z)
+        buffer_len += len(z)
+        while buffer_len >= km_expand * n_prototypes:  # sklearn upcasts the fp16 latents to float64, as officially
+            flat = torch.cat(buffer)
+            km.partial_fit(flat[:km_expand * n_prototypes].double().numpy())
+            buffer, buffer_len = [flat[km_expand * n_prototypes:]], len(flat) - km_expand * n_prototypes
+    latents = torch.cat(seen)
+    if mode == "full":
+        km = KMeans(n_clusters=n_prototypes, random_state=seed, n_init=10).fit(latents.double().numpy())
+    elif buffer_len:
+        km.partial_fit(torch.cat(buffer).double().numpy())
+    return torch.from_numpy(km.cluster_centers_).float(), latents
+
+
+@torch.no_grad()
+def synthesize(pipe, prototypes, prompts, seeds, args):
+    """Stock img2img from a batch of 4-channel prototype latents (§1.3): the prototype is noised to the first
+    kept timestep and denoised with CFG against the negative prompt (§1.4). Returns PIL images."""
+    return pipe(prompt=prompts, image=prototypes.to(pipe.device, pipe.unet.dtype),
+                negative_prompt=[args.negative_prompt] * len(prompts), strength=args.strength,
+                guidance_scale=args.guidance_scale, num_inference_steps=args.steps,
+                generator=generators(seeds), output_type="pil").images
+
+
+def to_dataset_resolution(images, size):
+    """PIL resize with the official BICUBIC filter (§1.4) to the dataset's side, as [n,3,s,s] in [0,1]."""
+    from PIL import Image
+    to_tensor = common.to_tensor()
+    return torch.stack([to_tensor(im.resize((size, size), Image.BICUBIC)) for im in images])
+
+
+def run_validation(args):
+    """validate_fkd.py on the written set: stored TTM labels (fkd, §2.5) or an online teacher (rded)."""
+    import validate_fkd
+    argv = ["--syn-data-path", args.out, "--dataset", args.dataset, "--protocol", args.eval_protocol,
+            "--seed", str(args.seed), "--device", args.device, "--workers", str(args.workers),
+            "--teacher", args.teacher]
+    epochs = args.eval_epochs or (args.ttm_epochs if args.eval_protocol == "fkd" else None)  # fkd: <= stored epochs
+    for flag, value in (("--data-path", args.data_path), ("--teacher-path", args.teacher_path), ("--epochs", epochs), ("--repeats", args.eval_repeats),
+                        ("--student", args.eval_student)):
+        if value is not None:
+            argv += [flag, str(value)]
+    return validate_fkd.main(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    info = common.dataset_info(args.dataset)
+    out_size = args.out_size or info.size
+    # --- checks: every bad input stops here, before any output is touched ---
+    for flag in ("ipc", "prototypes", "km_expand", "steps", "batch_size", "encode_batch_size", "out_size"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise common.UserError(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.prototypes > args.ipc:
+        raise common.UserError(f"--prototypes {args.prototypes} exceeds --ipc {args.ipc}: each prototype gives at least one image")
+    if not 0 < args.strength <= 1:
+        raise common.UserError(f"--strength must be in (0, 1], not {args.strength}")
+    if args.eval and args.eval_protocol == "fkd" and args.ttm_epochs < 1:
+        raise common.UserError("--eval-protocol fkd replays stored TTM labels: set --ttm-epochs to at least 1")
+    if args.eval and args.eval_protocol == "fkd" and args.eval_epochs and args.eval_epochs > args.ttm_epochs:
+        raise common.UserError(f"--eval-epochs {args.eval_epochs} exceeds the {args.ttm_epochs} stored TTM epochs")
+    d = common.dist_setup(args.device)
+    common.seed_everything(args.seed)
+    classes = common.class_list(args.dataset, args.data_path)
+    prompts = class_prompts(classes, args.prompt_template)
+    train = common.real_dataset(args.dataset, args.data_path, "train")
+    targets = torch.as_tensor(train.targets)
+    counts = torch.bincount(targets, minlength=len(classes))
+    if int(counts.min()) < args.prototypes:
+        c = int(counts.argmin())
+        raise common.UserError(f"class {c} ({classes[c]['name']}) has {int(counts[c])} training images, "
+                               f"fewer than the {args.prototypes} prototypes asked for")
+    pipe = load_generator(args, d.device)
+    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    if args.size % factor:
+        raise common.UserError(f"--size {args.size} must be a multiple of the VAE's factor {factor}")
+    run = common.RunDir(args.out, args, classes, rank=d.rank, overwrite=args.overwrite,
+                        extra_artefacts=("prototypes.pt", ".prototypes"),
+                        ignore=("batch_size", "encode_batch_size", "save_latents", "ttm_epochs", "eval_student"))
+    run.record.update({"prompts": prompts, "scheduler": type(pipe.scheduler).__name__, "out_size": out_size,
+                       "latent_shape": [pipe.vae.config.latent_channels, args.size // factor, args.size // factor]})
+    mine = common.shard(range(len(classes)), d.rank, d.world)
+    print(f"d4m {args.dataset}: {len(classes)} classes ({len(mine)} on rank {d.rank}), model {args.model}, "
+          f"{run.record['scheduler']}, {args.steps} steps x strength {args.strength}, guidance {args.guidance_scale}")
+
+    # --- stage 1-2: VAE latents (Sec. 3.1, §1.2) and k-means prototypes per class (Sec. 3.2, §2.2) ---
+    merged = os.path.join(args.out, "prototypes.pt")
+    partial = os.path.join(args.out, ".prototypes")
+    if not os.path.isfile(merged):
+        os.makedirs(partial, exist_ok=True)
+        todo = [c for c in mine if not os.path.isfile(os.path.join(partial, f"{c:05d}.pt"))]
+        with run.stage("latents_prototypes", items=int(sum(counts[c] for c in todo))) if todo else nullcontext():
+            for c in tqdm(todo, desc="prototypes", disable=not d.main):
+                idx = (targets == c).nonzero().flatten()
+                idx = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(image_seed(args.seed, 0, c)))]
+                batches = class_latents(train, idx.tolist(), pipe.vae, args, args.size)
+                centres, latents = kmeans_prototypes(batches, args.prototypes, args.km_expand, args.kmeans, args.seed)
+                shape = run.record["latent_shape"]
+                if args.save_latents:
+                    os.makedirs(args.save_latents, exist_ok=True)
+                    common.atomic_torch_save({"latents": latents.view(-1, *shape), "index": idx},
+                                             os.path.join(args.save_latents, f"{c:05d}.pt"))
+                common.atomic_torch_save(centres.view(-1, *shape), os.path.join(partial, f"{c:05d}.pt"))
+                print(f"class {c:5d} {prompts[c]!r}: {len(latents)} latents -> {len(centres)} prototypes")
+        common.barrier()
+        if d.main:  # one file keyed by class index, written once every rank's classes are done
+            common.atomic_torch_save({"classes": [c["id"] for c in classes], "prototypes": {
+                c: torch.load(os.path.join(partial, f"{c:05d}.pt"), weights_only=True) for c in range(len(classes))}}, merged)
+            shutil.rmtree(partial)
+        common.barrier()
+    saved = torch.load(merged, weights_only=True)
+    if saved["classes"] != [c["id"] for c in classes]:
+        raise common.UserError(f"{merged} was made for a different class list; pass --overwrite to remake it")
+    prototypes = saved["prototypes"]
+
+    # --- stage 3: img2img synthesis from the prototypes with the class-name prompt (Sec. 3.3, §2.3) ---
+    jobs = [(c, i) for c in mine if not run.class_complete(c, args.ipc) for i in range(args.ipc)]
+    pending = {}
+    with run.stage("synthesis", items=len(jobs)) if jobs else nullcontext():
+        for b in tqdm(range(0, len(jobs), args.batch_size), desc="synthesis", disable=not d.main):
+            batch = jobs[b:b + args.batch_size]
+            # image i of a class starts from prototype i % P with its own noise (official: ipc/P passes, §2.3)
+            images = synthesize(pipe, torch.stack([prototypes[c][i % args.prototypes] for c, i in batch]),
+                                [prompts[c] for c, _ in batch], [image_seed(args.seed, 2, c, i) for c, i in batch], args)
+            for (c, i), im in zip(batch, to_dataset_resolution(images, out_size)):
+                pending.setdefault(c, []).append(im)
+                if len(pending[c]) == args.ipc:
+                    run.write_class(c, torch.stack(pending.pop(c)))
+    del pipe
+    common.barrier()
+
+    # --- stage 4: training-time matching, FKD soft labels stored per epoch (Sec. 3.4, §2.4) ---
+    if args.ttm_epochs:
+        images, _ = common.load_image_set(args.out, classes)
+        teacher = common.load_teacher(args.teacher, args.dataset, args.teacher_path, args.data_path, device=d.device)
+        size = common.input_size(args.dataset, args.teacher)
+        fkd = dict(teacher=teacher, out_dir=os.path.join(args.out, "fkd"), batch_size=args.ttm_batch_size, size=size,
+                   mean=info.mean, std=info.std, mix="cutmix", alpha=1.0, min_scale=0.08, flip=True,
+                   seed=42 + args.seed, device=d.device)  # official fkd_seed 42, cutmix Beta(1,1), RRC 0.08-1
+        missing = [e for e in range(args.ttm_epochs) if not os.path.isfile(os.path.join(fkd["out_dir"], f"epoch_{e:04d}.pt"))]
+        with run.stage("ttm", items=args.ttm_epochs * len(images)) if missing else nullcontext():
+            for epoch in tqdm(common.shard(range(args.ttm_epochs), d.rank, d.world), desc="TTM labels", disable=not d.main):
+                common.fkd_generate(images, epochs=epoch + 1, start_epoch=epoch, **fkd)  # epochs sharded over ranks
+            common.barrier()
+            if d.main:  # every epoch file exists now: this only writes meta.json for all epochs
+                common.fkd_generate(images, epochs=args.ttm_epochs, **fkd)
+        run.record["ttm"] = {"teacher": args.teacher, "teacher_path": args.teacher_path, "input_size": size,
+                             "epochs": args.ttm_epochs, "batch_size": args.ttm_batch_size}
+        common.barrier()
+
+    # --- stage 5: evaluation of the distilled set (Sec. 4, §2.5) ---
+    summary = {}
+    if args.eval:
+        result = run_validation(args)
+        summary["eval"] = {k: result.get(k) for k in ("protocol", "best_mean", "best_std", "last_mean", "last_std")}
+    synth = run.record["stages"].get("synthesis", {})
+    run.finish(device=d.device, images=len(classes) * args.ipc, **summary)
+    if d.main:
+        line = (f"d4m {args.dataset} ipc{args.ipc}: {len(classes) * args.ipc} images at {out_size} px in {args.out}; "
+                f"synthesis {synth.get('images_per_s', 0):.2f} img/s")
+        if args.ttm_epochs:
+            line += f"; TTM labels for {args.ttm_epochs} epochs in {os.path.join(args.out, 'fkd')}"
+        if args.eval:
+            e = summary["eval"]
+            line += f"; eval {e['protocol']} top-1 best {e['best_mean']:.2f} +- {e['best_std']:.2f}, last {e['last_mean']:.2f}"
+        print(line)
+
+
+if __name__ == "__main__":
+    common.run_cli(main)

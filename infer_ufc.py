@@ -1,0 +1,412 @@
+"""infer_ufc.py: INFER's universal feature compensators (UFCs), end to end, with static soft labels.
+
+Paper: "Breaking Class Barriers: Efficient Dataset Distillation via Inter-Class Feature Compensator"
+(INFER), X. Zhang, J. Du, P. Liu, J. T. Zhou. ICLR 2025, arXiv 2408.06927.
+Official code: https://github.com/zhangxin-xd/UFC (@83d19f8). Optional DWA weight adjustment from
+https://github.com/AngusDujw/Diversity-Driven-Synthesis (@c5b125f, NeurIPS 2024, arXiv 2409.17612).
+Spec: shared/specs/infer_dmkd.md §0-2, §4-5.
+
+Idea (Sec. 3): a budget of IPC images per class buys K = floor(IPC*C/(C+M)) real images per class
+plus K*M UFCs u_{k,m}: one image-shaped tensor each, added to ALL C real images of set k and
+optimised against teacher m alone, so one stored "image" makes C new training images. The set is
+written as K*(M+1) images per class, plus the compact form the budget counts (ufc.pt + the K real
+files) and the teachers' mean logits per image (soft_labels.pt) for static labelling.
+
+  python infer_ufc.py                      # digits, IPC 10, teachers conv3+conv4+conv5 (trained on
+                                           # first use): K=7, 28 files/class, 21 UFCs; ~3-5 min on 2 cores
+  python infer_ufc.py --ipc 50 --eval --eval-protocol dynamic --baseline random
+  python infer_ufc.py --dataset cifar100 --data-path data/cifar --ipc 10 --teacher-path \\
+      ckpt/r18.pth,ckpt/mbv2.pth,ckpt/effb0.pth,ckpt/shuffle.pth --eval
+  torchrun --nproc_per_node 8 infer_ufc.py --dataset imagenet --data-path /data/imagenet --ipc 50
+
+The digits run prints the budget arithmetic, one line per UFC (loss first -> last), and ends with
+"infer_ufc: digits IPC 10 -> K=7 ...: 280 images, 21 UFCs ..., compact ... KB vs written ... KB".
+
+Deliberate deviations from the official code (each one a bug or a trap of §5.1):
+- one script for every dataset; the teachers are loaded once, not reloaded for every ipc_id (§5.1.6);
+- the batch is always all C classes (the official --batch-size breaks CIFAR-100 and the budget);
+  for many classes --class-chunk accumulates gradients over chunks, so u still sees all C: the CE term
+  is exact, the BN term is the mean of the per-chunk BN losses (an approximation of the full batch);
+- the BN loss sums the hooks that fired (UFC drops one EfficientNet hook by hand, §1.4);
+- the saved composite uses the final u (official: u before the last Adam step, §1.4); files are
+  lossless PNG with rounding (official: JPEG q75, truncation; --format jpg for the former);
+- the real init images are sampled here with a seeded generator (official: Google-Drive tensors),
+  quantised to 8 bits first so that the saved real files ARE the init images;
+- static soft labels are computed once, on the written files, and stored (official: recomputed
+  by every evaluation run); K uses exact integer arithmetic (official: float division);
+- ImageNet: the released ufc_imgnet.py cannot run (args.init, input_original, no imagenet branch in
+  clip_image); this follows the CIFAR index mapping and its own documented augmentation;
+- no wandb; DWA weight adjustment (§1.7) is an option, off by default, as INFER does not use it.
+"""
+import argparse
+import copy
+import math
+import os
+import shutil
+import time
+
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2 as T
+import torchvision.transforms.v2.functional as TF
+from tqdm import tqdm
+
+import common
+
+# INFER/DWA normalise CIFAR-100 with its own statistics (UFC utils.py, DWA squeeze_cifar100.py);
+# common.py uses the CIFAR-10 constants for CIFAR-100 like SRe2L/RDED. The teachers must see what
+# they were trained on, so --teacher-norm infer (the CIFAR-100 preset) switches to these.
+INFER_NORM = {"cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761))}
+
+CIFAR_TEACHERS = "resnet18_modified,mobilenet_v2_cifar,efficientnet_b0_cifar,shufflenet_g2"  # §1.2, ufc_cifar.py:136-185
+IMAGENET_TEACHERS = "resnet18,mobilenet_v2,efficientnet_b0"  # §1.2, ufc_imgnet.py:208-225
+PRESETS = {
+    # not published: our choice. Three cheap ConvNets (conv3 ~60 ms, conv4 ~65 ms, conv5 ~70 ms per
+    # 10-image step on one core; shufflenet_g2 ~145, mobilenet_v2_cifar ~275) give M=3 different
+    # depths, trained on first use; 100 iterations: the digits loss has flattened by then
+    "digits": dict(teacher="conv3,conv4,conv5", iterations=100, lr=0.25, r_bn=1.0, augment="roll", jitter=4),
+    # README / sh/ufc_cifar.sh: T 1000, lr 0.25, r_bn 1.0; roll jitter 4 (ufc_cifar.py:64-65)
+    "cifar10": dict(teacher=CIFAR_TEACHERS, iterations=1000, lr=0.25, r_bn=1.0, augment="roll", jitter=4),
+    "cifar100": dict(teacher=CIFAR_TEACHERS, iterations=1000, lr=0.25, r_bn=1.0, augment="roll", jitter=4,
+                     teacher_norm="infer"),
+    # not published (no Tiny script, §1.2): CIFAR teachers at 64 px and CIFAR settings, M=4 assumed
+    "tiny": dict(teacher=CIFAR_TEACHERS, iterations=1000, lr=0.25, r_bn=1.0, augment="roll", jitter=4),
+    # README: T 2000, lr 0.25, r_bn 0.01; batch-shared RandomResizedCrop + flip + roll 32 (ufc_imgnet.py:92-102);
+    # class chunk 250: not published, our choice to fit 1000 classes at 224 px in ~40 GB
+    **{d: dict(teacher=IMAGENET_TEACHERS, iterations=2000, lr=0.25, r_bn=0.01, augment="crop", jitter=32,
+               class_chunk=250 if d == "imagenet" else None)
+       for d in ("imagenette", "imagewoof", "imagenet100", "imagenet")},
+}
+DEFAULTS = dict(first_bn_multiplier=10.0, r_var=1.0, dwa_steps=0, rho=0.0, teacher_norm="dataset")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_generic_args(p, ipc=10)
+    g = p.add_argument_group("teachers (§1.2)")
+    g.add_argument("--teacher", default=None, help="comma list of the M teacher architectures (common.ARCHS)")
+    g.add_argument("--teacher-path", default=None, help="comma list of teacher checkpoints, one per --teacher")
+    g.add_argument("--teacher-norm", default=None, choices=("dataset", "infer"),
+                   help="normalisation the teachers expect: common.py's or INFER's own CIFAR-100 statistics")
+    g = p.add_argument_group("UFC optimisation (§1.4-1.5)")
+    g.add_argument("--iterations", type=int, default=None, help="Adam steps per UFC (T)")
+    g.add_argument("--lr", type=float, default=None, help="Adam learning rate of u (cosine to 0, no warm-up)")
+    g.add_argument("--r-bn", type=float, default=None, help="weight of the BN-statistics loss")
+    g.add_argument("--first-bn-multiplier", type=float, default=None, help="weight of the first BN layer's term")
+    g.add_argument("--augment", default=None, choices=("roll", "crop"),
+                   help="batch-shared view: roll jitter (CIFAR) or RandomResizedCrop+flip+roll (ImageNet)")
+    g.add_argument("--jitter", type=int, default=None, help="largest roll shift in pixels (0..jitter)")
+    g.add_argument("--class-chunk", type=int, default=None,
+                   help="classes per forward; gradients accumulate so u still sees all C (default: all)")
+    g = p.add_argument_group("DWA directed weight adjustment (§1.7; off by default, not part of INFER)")
+    g.add_argument("--dwa-steps", type=int, default=None, help="K_s normalised gradient-ascent steps on the teacher")
+    g.add_argument("--rho", type=float, default=None, help="total length of the weight perturbation")
+    g.add_argument("--r-var", type=float, default=None, help="weight of the variance term of the BN loss")
+    g = p.add_argument_group("evaluation (validate_fkd.py, §2)")
+    g.add_argument("--eval-protocol", default="static", choices=("static", "dynamic"),
+                   help="static: stored soft labels (§2.2); dynamic: the teacher ensemble online (§2.3)")
+    g.add_argument("--eval-epochs", type=int, default=None,
+                   help="student epochs (default: validate_fkd's static preset; /(M+1) for dynamic, §2.3)")
+    g.add_argument("--eval-repeats", type=int, default=1, help="students per set (mean ± std)")
+    g.add_argument("--baseline", default="none", choices=("none", "random"),
+                   help="also evaluate random real images at the nominal IPC (same image-equivalent budget)")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------
+# budget (§1.1)
+# ----------------------------------------------------------------------------------------------
+def ufc_budget(ipc, num_classes, num_teachers):
+    """K real sets and K*M UFCs within IPC*C image-equivalents ("averaging UFC", ufc_cifar.py:251-253)."""
+    C, M = num_classes, num_teachers
+    K = ipc * C // (C + M)  # = floor(IPC / (M/C + 1)), exactly
+    return {"K": K, "files_per_class": K * (M + 1), "ufcs": K * M, "image_equivalents": K * C + K * M,
+            "budget": ipc * C, "smallest_ipc": -(-(C + M) // C)}
+
+
+def ufc_ids(K, M):
+    """File order per class (ufc_cifar.py:43-53): ids 0..K-1 are the real sets, id (m+1)K + k the composite
+    of real set k with teacher m's UFC. Returns [(k, m or None)] in id order."""
+    return [(i, None) for i in range(K)] + [(k, m) for m in range(M) for k in range(K)]
+
+
+# ----------------------------------------------------------------------------------------------
+# init: K seeded real sets, one training image per class each (§1.3)
+# ----------------------------------------------------------------------------------------------
+def sample_real_sets(dataset, data_path, K, seed, size):
+    """Returns real [K, C, 3, H, W] in [0,1] (8-bit values) and real_index [K, C] into the train split."""
+    C = common.dataset_info(dataset).num_classes
+    resize = [T.Resize((size, size), antialias=True)] if dataset in common.FOLDER_DATASETS else []  # ufc_imgnet.py:62-70
+    ds = common.real_dataset(dataset, data_path, "train", T.Compose([common.to_tensor(), *resize]))
+    idx = common.random_subset(ds.targets, K, seed, C)  # grouped by class: idx[c*K + k]
+    images, _ = common.stack_images(ds, idx)
+    images = (images * 255).round() / 255  # quantise once: the saved real file is exactly the init image
+    return images.view(C, K, *images.shape[1:]).transpose(0, 1).contiguous(), torch.tensor(idx).view(C, K).t().contiguous()
+
+
+def compose(real, ufc, mean, std):
+    """Saved composite = clamp(denorm(x + u), 0, 1) with x the normalised real image (clip_image, §1.4).
+    Used by generation and by rebuild_set, so the compact form reproduces the files exactly."""
+    return common.denormalize(common.normalize(real, mean, std) + ufc, mean, std).clamp(0, 1)
+
+
+def rebuild_set(compact, real):
+    """The whole written set from the compact form: real [K, C, 3, H, W] in [0,1] (the K real files per
+    class, or the train images at compact["real_index"]) and compact["ufc"] [K, M, 3, H, W].
+    Returns [C, K*(M+1), 3, H, W] in file order."""
+    K, M = compact["ufc"].shape[:2]
+    rows = [real[k] if m is None else compose(real[k], compact["ufc"][k, m][None].float(), compact["mean"], compact["std"])
+            for k, m in ufc_ids(K, M)]
+    return torch.stack(rows, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# the UFC optimisation (§1.4) and its batch-shared augmentation (§1.5)
+# ----------------------------------------------------------------------------------------------
+def random_resized_box(size, g, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop box, drawn from generator g."""
+    for _ in range(10):
+        area = size * size * (scale[0] + (scale[1] - scale[0]) * float(torch.rand(1, generator=g)))
+        r = math.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * float(torch.rand(1, generator=g)))
+        w, h = round(math.sqrt(area * r)), round(math.sqrt(area / r))
+        if 0 < w <= size and 0 < h <= size:
+            return (int(torch.randint(0, size - h + 1, (1,), generator=g)), int(torch.randint(0, size - w + 1, (1,), generator=g)), h, w)
+    return 0, 0, size, size
+
+
+def draw_view(kind, size, jitter, g):
+    """ONE view for the whole batch (§1.5): a non-negative roll by (0..jitter, 0..jitter), and on
+    ImageNet first one RandomResizedCrop box and one flip decision."""
+    view = {"roll": tuple(int(s) for s in torch.randint(0, jitter + 1, (2,), generator=g))}
+    if kind == "crop":
+        view["box"] = random_resized_box(size, g)
+        view["flip"] = bool(torch.rand(1, generator=g) < 0.5)
+    return view
+
+
+def apply_view(x, view):
+    if "box" in view:
+        top, left, h, w = view["box"]
+        x = TF.resized_crop(x, top, left, h, w, list(x.shape[-2:]), antialias=True)
+        x = x.flip(-1) if view["flip"] else x
+    return torch.roll(x, shifts=view["roll"], dims=(2, 3))
+
+
+def dwa_adjust(teacher, x, y, steps, rho, jitter, chunk):
+    """DWA (§1.7, perterb.py:19-32): a copy of the teacher moved `steps` times by (rho/steps) * g/||g||,
+    g = grad of the CE of the jittered real set (normalised gradient ASCENT), eval mode kept. The
+    original stays untouched (DWA reloads it from disk for every batch)."""
+    model = copy.deepcopy(teacher)
+    params = list(model.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    off = torch.randint(0, jitter + 1, (2,)).tolist()
+    x = torch.roll(x, shifts=off, dims=(2, 3))  # one jitter, reused by every step
+    for _ in range(steps):
+        grads = [torch.zeros_like(p) for p in params]
+        for lo in range(0, len(y), chunk):  # the whole set's gradient (DWA chunks perturb repeatedly: §5.2)
+            loss = F.cross_entropy(model(x[lo:lo + chunk]).float(), y[lo:lo + chunk], reduction="sum") / len(y)
+            for a, b in zip(grads, torch.autograd.grad(loss, params)):
+                a += b
+        norm = torch.sqrt(sum((a * a).sum() for a in grads))
+        with torch.no_grad():
+            for p, a in zip(params, grads):
+                p.add_(a, alpha=rho / steps / float(norm + 1e-12))
+    return common.freeze(model)
+
+
+def optimise_ufc(teacher, real_norm, args, g, device):
+    """One UFC u (1x3xHxW, zeros; ufc_cifar.py:50) added to every row of real_norm [C,3,H,W]:
+    L(u) = mean_c CE(f(A(x_c + u)), c) + r_bn * sum_l w_l (||mu_l - mu_l^run|| + r_var ||var_l - var_l^run||),
+    Adam(betas 0.5/0.9) on u alone, lr cosine-annealed from args.lr at every step (utils.py:74-84).
+    Returns u and the per-step losses."""
+    C = len(real_norm)
+    chunk = args.class_chunk or C
+    targets = torch.arange(C, device=device)
+    u = torch.zeros(1, *real_norm.shape[1:], device=device, requires_grad=True)
+    opt = torch.optim.Adam([u], lr=args.lr, betas=(0.5, 0.9), eps=1e-8)
+    hook = common.BNStatsHook(teacher, args.first_bn_multiplier, args.r_var)
+    losses = torch.zeros(args.iterations, device=device)
+    cuda = str(device).startswith("cuda")
+    for t in range(args.iterations):
+        opt.param_groups[0]["lr"] = 0.5 * args.lr * (1 + math.cos(math.pi * t / args.iterations))
+        view = draw_view(args.augment, real_norm.shape[-1], args.jitter, g)  # same view for every chunk
+        opt.zero_grad(set_to_none=True)
+        for lo in range(0, C, chunk):
+            x = apply_view(real_norm[lo:lo + chunk] + u, view)
+            if cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with common.autocast(device):
+                logits = teacher(x)
+            n = len(x)
+            ce = F.cross_entropy(logits.float(), targets[lo:lo + n], reduction="sum") / C
+            loss = ce + args.r_bn * hook.loss() * (n / C)
+            loss.backward()
+            losses[t] += loss.detach()
+        opt.step()
+    hook.remove()
+    return u.detach(), losses.cpu()
+
+
+# ----------------------------------------------------------------------------------------------
+# the compact form: per-(k, m) parts while running, merged into ufc.pt (resume reads both)
+# ----------------------------------------------------------------------------------------------
+def part_path(out, k, m):
+    return os.path.join(out, "ufc_parts", f"u_k{k:04d}_m{m}.pt")
+
+
+def finished_ufcs(out):
+    """{(k, m): {"ufc", "losses"}} of every UFC already optimised (merged ufc.pt and loose parts)."""
+    done = {}
+    path = os.path.join(out, "ufc.pt")
+    if os.path.isfile(path):
+        c = torch.load(path, map_location="cpu", weights_only=True)
+        K, M = c["ufc"].shape[:2]
+        done.update({(k, m): {"ufc": c["ufc"][k, m][None], "losses": c["losses"][k, m]} for k in range(K) for m in range(M)})
+    parts = os.path.join(out, "ufc_parts")
+    for name in sorted(os.listdir(parts)) if os.path.isdir(parts) else []:
+        if name.startswith("u_k") and name.endswith(".pt"):
+            p = torch.load(os.path.join(parts, name), map_location="cpu", weights_only=True)
+            done[(p["k"], p["m"])] = p
+    return done
+
+
+def folder_bytes(paths):
+    return sum(os.path.getsize(p) for p in paths)
+
+
+def main(argv=None):
+    # --- stage 0: flags, presets and the budget (§1.1): every user error before any output ---
+    args = build_parser().parse_args(argv)
+    common.apply_presets(args, PRESETS, DEFAULTS)
+    info = common.dataset_info(args.dataset)
+    C = info.num_classes
+    archs = args.teacher.split(",")
+    paths = args.teacher_path.split(",") if args.teacher_path else [None] * len(archs)
+    if len(paths) != len(archs):
+        raise common.UserError(f"--teacher-path lists {len(paths)} checkpoints for {len(archs)} teachers in --teacher")
+    M = len(archs)
+    b = ufc_budget(args.ipc, C, M)
+    if b["K"] < 1:
+        raise common.UserError(f"--ipc {args.ipc} is too small for {M} teachers and {C} classes: K = floor(IPC*C/(C+M)) "
+                               f"= {b['K']} real sets; the smallest valid IPC is {b['smallest_ipc']}")
+    K = b["K"]
+    args.out = args.out or os.path.join("runs", f"infer_ufc_{args.dataset}_ipc{args.ipc}")
+    mean, std = INFER_NORM.get(args.dataset, (info.mean, info.std)) if args.teacher_norm == "infer" else (info.mean, info.std)
+    d = common.dist_setup(args.device)
+    common.seed_everything(args.seed)
+    log = print if d.main else (lambda *a, **k: None)
+    log(f"budget (§1.1): IPC {args.ipc} x {C} classes = {b['budget']} image-equivalents; M = {M} teachers -> "
+        f"K = floor({args.ipc}*{C}/({C}+{M})) = {K} real sets; files per class K*(M+1) = {b['files_per_class']}; "
+        f"compensators K*M = {b['ufcs']}; stored image-equivalents K*C + K*M = {K * C} + {b['ufcs']} = "
+        f"{b['image_equivalents']} <= {b['budget']}")
+
+    # --- stage 1: the M teachers (§1.2), loaded once ---
+    teachers = [common.load_teacher(a, args.dataset, p, args.data_path, args.seed, d.device) for a, p in zip(archs, paths)]
+    if str(d.device).startswith("cuda"):
+        teachers = [t.to(memory_format=torch.channels_last) for t in teachers]
+
+    # --- stage 2: K real init sets, one training image per class each (§1.3) ---
+    classes = common.class_list(args.dataset, args.data_path)
+    real, real_index = sample_real_sets(args.dataset, args.data_path, K, args.seed, info.size)
+    run = common.RunDir(args.out, args, classes, rank=d.rank, overwrite=args.overwrite,
+                        extra_artefacts=("ufc.pt", "ufc_parts", "eval_static.json", "eval_static_teacher.json"),
+                        ignore=("baseline",))
+    run.record.update({"budget": b, "teachers": archs, "teacher_norm": {"mean": mean, "std": std}})
+
+    # --- stage 3: the K*M UFCs, each against ONE teacher (§1.4-1.5, §1.7), sharded over ranks ---
+    done = finished_ufcs(args.out)
+    todo = [(k, m) for m in range(M) for k in range(K) if (k, m) not in done]
+    mine = common.shard(todo, d.rank, d.world)
+    log(f"compensators: {len(todo)} to optimise ({len(done)} already done), {len(mine)} on rank {d.rank}, "
+        f"{args.iterations} iterations each")
+    os.makedirs(os.path.join(args.out, "ufc_parts"), exist_ok=True)
+    with run.stage("ufc", items=len(mine) * args.iterations, unit="iterations"):
+        for k, m in tqdm(mine, desc="UFCs", disable=not d.main):
+            t0 = time.time()
+            g = torch.Generator().manual_seed(args.seed * 1_000_003 + k * 1009 + m)  # resumable: per-(k, m) stream
+            real_norm = common.normalize(real[k].to(d.device), mean, std)
+            teacher = teachers[m]
+            if args.dwa_steps > 0:
+                with torch.random.fork_rng():
+                    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=g)))
+                    teacher = dwa_adjust(teacher, real_norm, torch.arange(C, device=d.device), args.dwa_steps,
+                                         args.rho, args.jitter, args.class_chunk or C)
+            u, losses = optimise_ufc(teacher, real_norm, args, g, d.device)
+            common.atomic_torch_save({"k": k, "m": m, "ufc": u.cpu(), "losses": losses}, part_path(args.out, k, m))
+            if d.main:
+                tqdm.write(f"ufc k={k} m={m} ({archs[m]}): loss {losses[0]:.4f} -> {losses[-1]:.4f} in {time.time() - t0:.1f}s")
+    common.barrier()
+
+    # --- stage 4: the compact form (ufc.pt) and the written set (K real + K*M composites per class) ---
+    if d.main:
+        done = finished_ufcs(args.out)
+        compact = {"ufc": torch.stack([torch.cat([done[(k, m)]["ufc"] for m in range(M)]) for k in range(K)]),
+                   "losses": torch.stack([torch.stack([done[(k, m)]["losses"] for m in range(M)]) for k in range(K)]),
+                   "real_index": real_index, "teachers": archs, "mean": list(mean), "std": list(std),
+                   "ipc": args.ipc, "K": K, "M": M, "dataset": args.dataset}
+        common.atomic_torch_save(compact, os.path.join(args.out, "ufc.pt"))
+        shutil.rmtree(os.path.join(args.out, "ufc_parts"), ignore_errors=True)
+    common.barrier()
+    compact = torch.load(os.path.join(args.out, "ufc.pt"), map_location="cpu", weights_only=True)
+    ids = ufc_ids(K, M)
+    names = [f"{i:05d}_k{k}_real.{args.format}" if m is None else f"{i:05d}_k{k}_ufc_{archs[m]}.{args.format}"
+             for i, (k, m) in enumerate(ids)]
+    pending = [c for c in common.shard(range(C), d.rank, d.world) if not run.class_complete(c, len(ids))]
+    log(f"classes: {len(pending)} to write on rank {d.rank}, {len(ids)} files each")
+    with run.stage("write", items=len(pending) * len(ids)):
+        for c in tqdm(pending, desc="classes", disable=not d.main):
+            run.write_class(c, rebuild_set(compact, real[:, c:c + 1])[0], names)
+    common.barrier()
+
+    # --- stage 5: static soft labels on the written files (§2.2), ImageFolder order ---
+    labels_path = os.path.join(args.out, "soft_labels.pt")
+    if d.main and not os.path.isfile(labels_path):
+        with run.stage("soft_labels", items=C * len(ids)):
+            images, _ = common.load_image_set(args.out, classes)  # re-read what was written
+            ensemble = common.Ensemble(teachers).eval()
+            logits = []
+            with torch.no_grad():
+                for x in images.split(500):
+                    x = common.normalize(x.float().to(d.device) / 255, mean, std)
+                    with common.autocast(d.device):
+                        logits.append(ensemble(x).float().cpu())
+            common.atomic_torch_save(torch.cat(logits).half(), labels_path)
+    losses = compact["losses"]
+    files = [os.path.join(r, f) for r, _, fs in os.walk(args.out) for f in fs if f.endswith("." + args.format)
+             and os.path.basename(r).isdigit()]
+    real_files = [f for f in files if "_real." in f]
+    storage = {"written_images_bytes": folder_bytes(files), "compact_bytes": folder_bytes(real_files)
+               + os.path.getsize(os.path.join(args.out, "ufc.pt")), "ufc_pt_bytes": os.path.getsize(os.path.join(args.out, "ufc.pt"))}
+    tail = max(1, args.iterations // 10)
+    summary = {"loss_first": float(losses[..., :tail].mean()), "loss_last": float(losses[..., -tail:].mean()),
+               "storage": storage}
+    run.finish(device=d.device, **summary)
+    log(f"infer_ufc: {args.dataset} IPC {args.ipc} -> K={K}, {b['files_per_class']} files/class, {C * len(ids)} images, "
+        f"{b['ufcs']} UFCs ({b['image_equivalents']}/{b['budget']} image-equivalents); loss {summary['loss_first']:.3f} -> "
+        f"{summary['loss_last']:.3f}; UFC stage {run.record['stages']['ufc']['seconds']:.0f}s; compact "
+        f"{storage['compact_bytes'] / 1024:.0f} KB vs written {storage['written_images_bytes'] / 1024:.0f} KB -> {args.out}")
+
+    # --- stage 6: evaluation with validate_fkd.py (§2.2 static, §2.3 dynamic) ---
+    if args.eval:
+        import validate_fkd
+        common_flags = ["--syn-data-path", args.out, "--dataset", args.dataset, "--protocol", "static",
+                        "--teacher", ",".join(archs), "--repeats", str(args.eval_repeats), "--seed", str(args.seed),
+                        "--device", args.device]
+        common_flags += ["--data-path", args.data_path] if args.data_path else []
+        common_flags += ["--teacher-path", args.teacher_path] if args.teacher_path else []
+        epochs = args.eval_epochs
+        if args.eval_protocol == "dynamic":  # "epochs reduced by a factor of 1/(M+1)" (UFC README)
+            common_flags += ["--label-mode", "teacher"]
+            if epochs is None:
+                preset = validate_fkd.DATASET_PRESETS.get(args.dataset, {}).get("static", {})
+                epochs = max(1, preset.get("epochs", validate_fkd.PROTOCOLS["static"]["epochs"]) // (M + 1))
+        common_flags += ["--epochs", str(epochs)] if epochs else []
+        if args.baseline == "random":  # random real images at the nominal IPC: the same image-equivalent budget
+            common_flags += ["--baseline", "random", "--baseline-ipc", str(args.ipc)]
+        return validate_fkd.main(common_flags)
+
+
+if __name__ == "__main__":
+    common.run_cli(main)

@@ -1,0 +1,178 @@
+"""d4m.py on digits with the tiny Stable Diffusion fixture (64 px images <-> 4x8x8 latents).
+
+One CLI run (module fixture) makes the whole pipeline's output; the tests check it against reference
+computations written here: VAE latents, sklearn k-means, one-image-per-call img2img, FKD label replay."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_script
+
+import common
+
+ARGS = ["--size", "64", "--steps", "4", "--ipc", "3", "--prototypes", "2", "--ttm-epochs", "2",
+        "--ttm-batch-size", "16", "--batch-size", "7", "--workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def d4m_run(tiny_sd, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("d4m")
+    out, latents = str(tmp / "set"), str(tmp / "latents")
+    proc = run_script("d4m.py", "--model", tiny_sd, "--out", out, "--save-latents", latents, *ARGS,
+                      "--eval", "--eval-epochs", "1")
+    return {"out": out, "latents": latents, "stdout": proc.stdout, "model": tiny_sd}
+
+
+def test_on_disk_contract(d4m_run):
+    out = d4m_run["out"]
+    classes = common.class_list("digits")
+    assert sorted(n for n in os.listdir(out) if n.isdigit()) == [f"{c:05d}" for c in range(10)]
+    images, targets = common.load_image_set(out, classes)
+    assert images.shape == (30, 3, 32, 32) and images.dtype == torch.uint8  # digits resolution, not 64 px
+    assert targets.tolist() == [c for c in range(10) for _ in range(3)]
+    assert json.load(open(os.path.join(out, "classes.json"))) == classes
+    record = json.load(open(os.path.join(out, "run.json")))
+    assert record["status"] == "done" and record["latent_shape"] == [4, 8, 8]
+    assert record["prompts"] == [c["name"] for c in classes]
+    assert record["stages"]["synthesis"]["images"] == 30
+    assert os.path.isfile(os.path.join(out, "preview.png"))
+    assert not os.path.exists(os.path.join(out, ".prototypes"))  # merged into prototypes.pt
+    # image 2 reuses prototype 0 with new noise: same start, different picture
+    assert not torch.equal(images[0], images[2])
+    assert "d4m digits ipc3: 30 images at 32 px" in d4m_run["stdout"]
+
+
+def test_latents_are_seeded_vae_samples(d4m_run):
+    """§1.2: z = vae.encode(2x-1).latent_dist.sample(g) * scaling_factor on the 64 px squash."""
+    from diffusers import AutoencoderKL
+    from torchvision.transforms import v2 as T
+    import d4m
+    x, y = common.digits_split("train")
+    saved = torch.load(os.path.join(d4m_run["latents"], "00003.pt"), weights_only=True)
+    assert saved["latents"].shape == (int((y == 3).sum()), 4, 8, 8)
+    assert sorted(saved["index"].tolist()) == (y == 3).nonzero().flatten().tolist()  # the whole class, shuffled
+    vae = AutoencoderKL.from_pretrained(os.path.join(d4m_run["model"], "vae"))
+    idx = saved["index"][:4].tolist()
+    images = T.Resize((64, 64), antialias=True)(x[idx])
+    with torch.no_grad():
+        dist = vae.encode(2 * images - 1).latent_dist
+        z = torch.cat([dist.mean[k:k + 1] + dist.std[k:k + 1] * torch.randn(
+            (1, 4, 8, 8), generator=torch.Generator().manual_seed(d4m.image_seed(0, 1, i))) for k, i in enumerate(idx)])
+    torch.testing.assert_close(saved["latents"][:4], z * vae.config.scaling_factor, rtol=1e-4, atol=1e-5)
+
+
+def test_prototypes_equal_sklearn_minibatch_kmeans(d4m_run):
+    """§2.2: MiniBatchKMeans(n_clusters=P, random_state=0, batch_size=km_expand*P, n_init="auto").partial_fit
+    over buffers of km_expand*P latents, the last partial buffer flushed (official bug §4.1 fixed)."""
+    from sklearn.cluster import MiniBatchKMeans
+    saved = torch.load(os.path.join(d4m_run["out"], "prototypes.pt"), weights_only=True)
+    assert saved["classes"] == [str(c) for c in range(10)]
+    assert sorted(saved["prototypes"]) == list(range(10))
+    P, buf = 2, 10 * 2  # --prototypes 2, km_expand 10 (the default)
+    for c in (0, 7):
+        X = torch.load(os.path.join(d4m_run["latents"], f"{c:05d}.pt"), weights_only=True)["latents"]
+        X = X.flatten(1).double().numpy()
+        assert len(X) % buf, "the test needs a partial last buffer"
+        km = MiniBatchKMeans(n_clusters=P, random_state=0, batch_size=buf, n_init="auto")
+        for s in range(0, len(X), buf):
+            km.partial_fit(X[s:s + buf])
+        ours = saved["prototypes"][c]
+        assert ours.shape == (P, 4, 8, 8)
+        np.testing.assert_allclose(ours.flatten(1).numpy(), km.cluster_centers_, rtol=1e-5, atol=1e-6)
+        dropped = MiniBatchKMeans(n_clusters=P, random_state=0, batch_size=buf, n_init="auto")
+        for s in range(0, len(X) - len(X) % buf, buf):  # the official code drops this class's leftovers
+            dropped.partial_fit(X[s:s + buf])
+        assert not np.allclose(ours.flatten(1).numpy(), dropped.cluster_centers_)
+
+
+def test_batched_synthesis_equals_one_call_per_image(d4m_run):
+    """§1.3, §2.3: stock img2img from the prototype latent, class-name prompt, the negative prompt, strength,
+    guidance, one seeded generator per image; called here the official way, one image per call."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from PIL import Image
+    import d4m
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(d4m_run["model"], safety_checker=None,
+                                                          requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    protos = torch.load(os.path.join(d4m_run["out"], "prototypes.pt"), weights_only=True)["prototypes"]
+    for c, i in ((0, 0), (4, 2)):
+        with torch.no_grad():
+            im = pipe(prompt=str(c), image=protos[c][i % 2][None], negative_prompt="cartoon, anime, painting",
+                      strength=0.7, guidance_scale=8.0, num_inference_steps=4,
+                      generator=torch.Generator().manual_seed(d4m.image_seed(0, 2, c, i))).images[0]
+        ref = np.asarray(im.resize((32, 32), Image.BICUBIC)).astype(int)
+        ours = np.asarray(Image.open(os.path.join(d4m_run["out"], f"{c:05d}", f"{i:05d}.png")).convert("RGB")).astype(int)
+        assert np.abs(ours - ref).max() <= 1
+
+
+def test_ttm_labels_replay(d4m_run, digits_conv3):
+    """§2.4: the stored FKD batches rebuild to the same pixels, whose teacher logits are the stored ones; and
+    validate_fkd.py's fkd protocol replayed them (§2.5: T=20, AdamW, cosine, no T^2)."""
+    out = d4m_run["out"]
+    meta = json.load(open(os.path.join(out, "fkd", "meta.json")))
+    assert meta["epochs"] == 2 and meta["batch_size"] == 16 and meta["mix"] == "cutmix" and meta["min_scale"] == 0.08
+    images, _ = common.load_image_set(out, common.class_list("digits"))
+    rec = torch.load(os.path.join(out, "fkd", "epoch_0001.pt"), weights_only=True)
+    assert len(rec["index"]) == 2 and sorted(torch.cat(rec["index"]).tolist()) == list(range(30))
+    x = common.fkd_batch(images, rec, 1, meta["size"], meta["mean"], meta["std"])
+    with torch.no_grad():
+        torch.testing.assert_close(digits_conv3(x).half(), rec["logits"][1], rtol=1e-2, atol=1e-2)
+    ev = json.load(open(os.path.join(out, "eval_fkd.json")))
+    assert ev["protocol"] == "fkd" and ev["label_mode"] == "fkd" and ev["epochs"] == 1
+    assert ev["recipe"]["temperature"] == 20.0 and not ev["recipe"]["t_squared"]
+    assert json.load(open(os.path.join(out, "run.json")))["eval"]["protocol"] == "fkd"
+
+
+def test_prompts_in_class_order(d4m_run, tmp_path, monkeypatch):
+    """Prompts reach the pipeline from the dataset's class list, class by class, with the §1.4 settings."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+    import d4m
+    calls, original = [], StableDiffusionImg2ImgPipeline.__call__
+
+    def recording(self, **kw):
+        calls.append(kw)
+        return original(self, **kw)
+    monkeypatch.setattr(StableDiffusionImg2ImgPipeline, "__call__", recording)
+    out = str(tmp_path / "set")
+    os.makedirs(out)
+    shutil.copy(os.path.join(d4m_run["out"], "prototypes.pt"), out)  # reused: only synthesis runs
+    d4m.main(["--model", d4m_run["model"], "--out", out, *ARGS, "--ttm-epochs", "0", "--batch-size", "4"])
+    prompts = [p for kw in calls for p in kw["prompt"]]
+    assert prompts == [c["name"] for c in common.class_list("digits") for _ in range(3)]
+    assert [len(kw["prompt"]) for kw in calls] == [4] * 7 + [2]  # many prototypes per call
+    kw = calls[0]
+    assert kw["negative_prompt"] == ["cartoon, anime, painting"] * 4
+    assert (kw["strength"], kw["guidance_scale"], kw["num_inference_steps"]) == (0.7, 8.0, 4)
+    assert kw["image"].shape == (4, 4, 8, 8) and len(kw["generator"]) == 4
+    protos = torch.load(os.path.join(out, "prototypes.pt"), weights_only=True)["prototypes"]
+    torch.testing.assert_close(kw["image"][2], protos[0][0])  # class 0 image 2 starts from prototype 0
+    assert d4m.class_prompts([{"name": "tench, Tinca tinca"}], "a photo of {name}") == ["a photo of tench, Tinca tinca"]
+
+
+def test_resume_redoes_only_missing_work(d4m_run, tmp_path):
+    out = str(tmp_path / "set")
+    shutil.copytree(d4m_run["out"], out)
+    before = {c: open(os.path.join(out, f"{c:05d}", "00001.png"), "rb").read() for c in (3, 4)}
+    mtime = os.path.getmtime(os.path.join(out, "00003", "00001.png"))
+    shutil.rmtree(os.path.join(out, "00004"))
+    os.remove(os.path.join(out, "fkd", "epoch_0001.pt"))
+    proc = run_script("d4m.py", "--model", d4m_run["model"], "--out", out, *ARGS)
+    assert "prototypes:" not in proc.stderr  # prototypes.pt reused
+    assert os.path.getmtime(os.path.join(out, "00003", "00001.png")) == mtime  # complete class kept
+    assert open(os.path.join(out, "00004", "00001.png"), "rb").read() == before[4]  # redone, identically
+    assert os.path.isfile(os.path.join(out, "fkd", "epoch_0001.pt"))
+    assert json.load(open(os.path.join(out, "run.json")))["stages"]["synthesis"]["images"] == 3
+
+
+def test_offline_model_and_bad_input_stop_with_one_sentence(tmp_path):
+    out = str(tmp_path / "never")
+    proc = run_script("d4m.py", "--model", "no-such-org/no-such-model", "--out", out, *ARGS, check=False)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()[-1]
+    assert err.startswith("error:") and "--model" in err and "no-such-org/no-such-model" in err
+    assert not os.path.exists(out)
+    proc = run_script("d4m.py", "--out", out, "--ipc", "2", "--prototypes", "3", check=False)
+    assert proc.returncode == 2 and "--prototypes 3 exceeds --ipc 2" in proc.stderr

@@ -1,0 +1,197 @@
+"""delt.py: EarlyLate schedule and medium selection against independent computations, the Adam
+late-joiner step, then CLI runs on digits with the conv3 teacher (contract, BN loss falls, early
+groups move more, 2-process torchrun == 1 process, resume, evaluation) and bad input."""
+import filecmp
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import delt
+from conftest import ROOT, run_script
+
+torch.set_num_threads(1)
+SMALL = ["--ipc", "2", "--iterations", "20", "--round-itr", "10", "--batch-size", "4", "--no-eval"]
+
+
+# ------------------------------------------------------------------------------ unit tests
+@pytest.mark.parametrize("ipc", [1, 10, 50, 100])
+def test_schedule_matches_independent_computation(ipc):
+    T, R = 4000, 500
+    s = delt.early_late_schedule(ipc, T, R)
+    # independent: numpy's array_split also makes the first (n mod M) parts one larger
+    parts = np.array_split(np.arange(ipc), T // R)
+    expected = [0] * ipc
+    for r, part in enumerate(parts):
+        for k in part:
+            expected[k] = (T // R - r) * R  # joins at round r, runs to the end
+    assert s["iterations_by_rank"] == expected
+    assert s["group_sizes"] == [len(p) for p in parts]
+    assert s["image_iterations"] == sum(expected) and s["all_at_T"] == ipc * T
+    # a step-by-step simulation of the rounds gives the same per-image counts
+    sim = [sum(R for r in range(T // R) if k < sum(len(p) for p in parts[:r + 1])) for k in range(ipc)]
+    assert sim == expected
+
+
+def test_schedule_paper_figures():
+    s = delt.early_late_schedule(50, 4000, 500)
+    its = s["iterations_by_rank"]
+    assert its[:7] == [4000] * 7 and its[7] == 3500 and its[44:] == [500] * 6
+    assert round(100 * s["fraction_of_all_at_T"], 1) == 57.8
+    assert round(100 * delt.early_late_schedule(10, 4000, 500)["fraction_of_all_at_T"], 1) == 63.8
+    assert round(100 * delt.early_late_schedule(100, 4000, 500)["fraction_of_all_at_T"], 1) == 57.3
+    assert delt.early_late_schedule(1, 4000, 500)["iterations_by_rank"] == [4000]  # IPC 1 == no EarlyLate
+    assert delt.early_late_schedule(10, 4000, 500, early_late=False)["iterations_by_rank"] == [4000] * 10
+
+
+def test_medium_order_on_hand_made_scores():
+    # dataset index:   0     1     2     3     4     5     6
+    scored = [(0.9, 0), (0.1, 1), (0.5, 2), (0.3, 3), (0.7, 4), (0.2, 5), (0.8, 6)]
+    # ascending: 0.1(1) 0.2(5) 0.3(3) 0.5(2) 0.7(4) 0.8(6) 0.9(0); mid = ceil(7/2) = 4 -> 0.7;
+    # then positions 5, 3, 6, 2, (7: past the end, skipped), 1, (8 skipped), 0
+    assert delt.medium_order(7, 7) == [4, 5, 3, 6, 2, 1, 0]
+    assert delt.select(scored, 5, "medium", 0) == [4, 6, 2, 0, 3]
+    assert delt.select(scored, 7, "medium", 0) == [4, 6, 2, 0, 3, 5, 1]
+    assert delt.medium_order(10, 4) == [5, 6, 4, 7]  # even n: mid = 5
+    assert delt.select(scored, 2, "top", 0) == [0, 6]
+    assert delt.select(scored, 2, "min", 0) == [1, 5]
+    r = delt.select(scored, 3, "random", 7)
+    assert r == delt.select(scored, 3, "random", 7) and len(set(r)) == 3
+
+
+def test_batches_are_class_contiguous_and_chains_hold_whole_classes():
+    batches, chains = delt.plan_batches(10, 30, 100)  # class 3 straddles batches 0 and 1, ...
+    assert batches[0][-1] == (3, 9) and batches[1][0] == (3, 10)  # a split class keeps its ranks
+    assert chains == [[0, 1, 2]]
+    batches, chains = delt.plan_batches(10, 50, 100)
+    assert chains == [[b] for b in range(5)]
+    for chain in delt.plan_batches(7, 3, 4)[1]:
+        for other in delt.plan_batches(7, 3, 4)[1]:
+            if chain != other:  # no class in two chains
+                a = {c for b in chain for c, _ in delt.plan_batches(7, 3, 4)[0][b]}
+                assert not a & {c for b in other for c, _ in delt.plan_batches(7, 3, 4)[0][b]}
+
+
+def test_crop_curriculum():
+    assert delt.crop_min_scale(0, 100, "cosine", 1.0) == pytest.approx(1.0)
+    assert delt.crop_min_scale(50, 100, "cosine", 1.0) == pytest.approx(0.54)
+    assert delt.crop_min_scale(50, 100, "linear", 0.5) == pytest.approx(0.08)
+    assert delt.crop_min_scale(0, 100, "cosine", 0.0) == pytest.approx(0.08)  # SRe2L
+    assert delt.crop_min_scale(10, 100, "step", 0.5) == 1.0
+
+
+def test_late_joiner_first_adam_step_is_about_1_58_lr():
+    x = torch.zeros(2, 4, requires_grad=True)
+    opt = torch.optim.Adam([x], lr=0.1, betas=(0.5, 0.9), eps=1e-8)
+    for t in range(60):
+        opt.zero_grad()
+        (x[0].sum() + (x[1].sum() if t == 59 else 0)).backward()
+        before = x[1].detach().clone()
+        opt.step()
+    assert (before == 0).all()  # an inactive row never moved
+    assert (before - x[1].detach()).abs().mean().item() == pytest.approx(0.1 * 0.5 / 0.1 ** 0.5, rel=1e-3)
+
+
+# ------------------------------------------------------------------------------ CLI runs
+def image_files(out):
+    return sorted(os.path.join(d, f) for d in os.listdir(out) if len(d) == 5 and d.isdigit()
+                  for f in os.listdir(os.path.join(out, d)))
+
+
+@pytest.fixture(scope="module")
+def one_proc(tmp_path_factory):
+    out = tmp_path_factory.mktemp("delt") / "one"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        proc = run_script("delt.py", "--out", out, *SMALL)
+    return out, proc
+
+
+def test_contract_bn_loss_and_early_late_effect(one_proc):
+    out, proc = one_proc
+    assert "delt: digits ipc 2" in proc.stdout
+    classes = json.load(open(out / "classes.json"))
+    assert [c["id"] for c in classes] == [str(i) for i in range(10)]
+    files = image_files(out)
+    assert len(files) == 20 and all(f.endswith(".png") for f in files)
+    images, targets = common.load_image_set(str(out), classes)
+    assert images.shape == (20, 3, 32, 32) and targets.bincount().tolist() == [2] * 10
+    rec = json.load(open(out / "run.json"))
+    assert rec["status"] == "done" and {"selection", "recover"} <= set(rec["stages"])
+    dl = rec["delt"]
+    assert dl["schedule"]["iterations_by_rank"] == [20, 10]
+    assert dl["image_iterations"] == 10 * 30  # 10 classes x (20 + 10)
+    assert dl["bn_loss_after"] < 0.9 * dl["bn_loss_before"]  # BN loss falls during recover
+    first, last = dl["rms_pixel_change_by_rank"]
+    assert first > 1.2 * last > 0  # the early group moved further from its real initialisation
+    for b in range(5):  # every batch: the round-0 subset is the rank-0 images only
+        bs = json.load(open(out / "delt_stats" / f"batch_{b:05d}.json"))
+        assert bs["active_per_round"] == [2, 4] and bs["bn_after"] < bs["bn_before"]
+    assert 0 < dl["diversity"]["final_mean"] <= 1 and 0 < dl["diversity"]["initial_mean"] <= 1
+    rows = open(out / "ranking.csv").read().splitlines()
+    assert rows[0] == "score,img_path,class,index" and len(rows) == 1 + 1437
+
+
+def test_two_process_torchrun_writes_the_same_files(one_proc, tmp_path):
+    out, _ = one_proc
+    two = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "delt.py", "--out", str(two), *SMALL], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "[rank 1]" in proc.stdout
+    files = image_files(out)
+    assert image_files(two) == files
+    match, mismatch, errors = filecmp.cmpfiles(out, two, files + ["ranking.csv", "classes.json"], shallow=False)
+    assert not mismatch and not errors
+    assert json.load(open(two / "run.json"))["delt"]["image_iterations"] == 300
+
+
+def test_resume_after_an_interrupted_run(one_proc, tmp_path):
+    out0, _ = one_proc
+    out = tmp_path / "resume"
+    shutil.copytree(out0, out)
+    # what an interruption leaves: finished classes, a half-written temp folder, status "running"
+    for c in (3, 7):
+        shutil.rmtree(out / f"{c:05d}")
+    os.makedirs(out / ".tmp-00003-999")
+    rec = json.load(open(out / "run.json"))
+    rec["status"] = "running"
+    json.dump(rec, open(out / "run.json", "w"))
+    kept = {f: os.stat(out / f).st_mtime_ns for f in image_files(out)}
+    proc = run_script("delt.py", "--out", out, *SMALL[:-1], "--eval", "--eval-epochs", "1")
+    assert "2/5 batches to do" in proc.stdout  # only the batches of classes 3 and 7
+    assert all(os.stat(out / f).st_mtime_ns == t for f, t in kept.items())  # finished classes untouched
+    assert not filecmp.cmpfiles(out0, out, image_files(out0), shallow=False)[1]  # redone identically
+    rec = json.load(open(out / "run.json"))
+    assert rec["status"] == "done" and "best_mean" in rec["eval"] and "best_mean" in rec["eval"]["random_real"]
+    assert json.load(open(out / "eval_rded.json"))["recipe"]["rand_augment"] == "rand-m6-n2-mstd1.0"
+    assert "random real" in proc.stdout.splitlines()[-1]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--iterations", "25", "--round-itr", "10"], "positive multiple of --round-itr"),
+    (["--round-itr", "0"], "positive multiple of --round-itr"),
+    (["--ipc", "500"], "exceeds the"),
+])
+def test_bad_input_stops_before_touching_output(tmp_path, flags, message):
+    out = tmp_path / "never"
+    with pytest.raises(common.UserError, match=message):
+        delt.main(["--out", str(out), *SMALL, *flags])
+    assert not out.exists()
+
+
+def test_refuses_a_folder_holding_a_different_run(one_proc, tmp_path):
+    out = tmp_path / "other"
+    shutil.copytree(one_proc[0], out)
+    before = {f: os.stat(out / f).st_mtime_ns for f in image_files(out) + ["run.json"]}
+    with pytest.raises(common.UserError, match="holds a different run"):
+        delt.main(["--out", str(out), *SMALL, "--lr", "0.05"])
+    assert {f: os.stat(out / f).st_mtime_ns for f in before} == before

@@ -1,0 +1,596 @@
+"""VLCP: Dataset Distillation via Vision-Language Category Prototype (ICCV 2025), arXiv 2506.23580.
+Official code: https://github.com/zou-yawen/Dataset-Distillation-via-Vision-Language-Category-Prototype
+(spec: shared/specs/d4m_vlcp.md §1, §3; commit d0060eb4).
+
+Pipeline, one file, every stage resumable (rerun the same command):
+  1. captions      LLaVA-1.5 describes every training image, asked about its class (Sec. 3.1)
+  2. fine-tuning   the Stable Diffusion UNet learns (image, caption) pairs (Sec. 3.2)
+  3. image protos  per class: VAE latents -> LocalOutlierFactor -> KMeans with IPC clusters (Sec. 3.3)
+  4. text protos   per cluster: the caption that holds most of the cluster's frequent words (Sec. 3.4)
+  5. synthesis     img2img from each image prototype, conditioned on its text prototype (Sec. 3.5)
+  6. --eval        validate_fkd.py with the Minimax (`hard`) or RDED (`rded`) protocol (Sec. 3.6/3.7)
+
+Run (digits first; needs local model folders, or the hub ids with network access):
+  python vlcp.py --dataset digits --ipc 10 --out runs/vlcp_digits --model /models/sd15 \
+      --captioner /models/llava-1.5-7b-hf --max-per-class 50
+    prints one line per stage and ends with
+    "vlcp digits ipc10: 100 images (32 px) in runs/vlcp_digits; ..."
+  torchrun --nproc_per_node 8 vlcp.py --dataset imagenette --data-path $NETTE --ipc 10 \
+      --out runs/vlcp_nette_ipc10 --captions runs/nette/captions.jsonl --finetuned runs/nette/sd --eval
+  python vlcp.py --dataset imagenet --data-path $IMNET --ipc 10 --out runs/vlcp_in1k_ipc10 \
+      --captions metadata.jsonl --finetuned /models/vlcp-sd-in1k --finetune-epochs 0 --eval
+    (reuses the authors' shared metadata.jsonl and fine-tuned model; --finetune-epochs 0 skips
+    stage 2 and synthesises with --model, so point --model at the fine-tuned folder instead)
+
+Deliberate deviations from the official code (d4m_vlcp.md §4):
+- NLTK corpora cannot be downloaded here: words are alphabetic regex runs, lower-cased (nltk's
+  word_tokenize + isalpha keeps "well-known" whole and drops it; we split it), and the stop words
+  are scikit-learn's ENGLISH_STOP_WORDS (318 words, nltk has 179).
+- Stock StableDiffusionImg2ImgPipeline with the 4-channel prototype as `image` replaces the patched
+  diffusers pipelines (same maths, §1.3); the safety checker is off; every image has its own seeded
+  generator, so batching does not change its noise.
+- Captions come from llava-hf through transformers (prompt of conv mode llava_v1, images padded to a
+  square with the processor's mean colour as LLaVA's "pad" aspect mode does), seeded; texts are
+  cleaned as llava_result_sum.py does (no '"', no "'s") but files keep their original names (no MM).
+- Fine-tuning is built in (the official repo relies on diffusers' train_text_to_image.py, not
+  vendored): same loss, optimiser, EMA, truncation and transforms; no gradient checkpointing on CPU.
+- Every class is processed on its own (official: all latents in RAM); classes are keyed by index;
+  a missing caption stops with its file name (official: crash inside nltk); output size is a flag.
+- Class names come from common.class_list (fixes the CIFAR-100 order bug, VLCP issue #6).
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import time
+from collections import Counter
+
+import numpy as np
+import torch
+from torchvision.transforms import v2 as T
+
+import common
+
+# --- flags ----------------------------------------------------------------------------------------
+PRESETS = {
+    # ft_res: SD fine-tuning resolution; threshold: common-word DF ratio; out_size: saved px
+    "digits": dict(ft_res=32, threshold=0.3, contamination=0.0, out_size=32,  # not published: CIFAR-10's values
+                   eval_protocol="rded"),
+    "cifar10": dict(ft_res=32, threshold=0.3, contamination=0.0, out_size=32,  # run_cifar10.sh
+                    eval_protocol="rded"),
+    "cifar100": dict(ft_res=32, threshold=0.2, contamination=0.0, out_size=32,  # cifar100 eval dir names; res assumed
+                     eval_protocol="rded"),
+    "tiny": dict(ft_res=64, threshold=0.2, contamination=0.1, out_size=64,  # eval dir names; ft_res not published: our choice
+                 eval_protocol="rded"),
+    "imagenette": dict(ft_res=512, threshold=0.7, contamination=0.1, out_size=256,  # run_nette.sh, nette_dm.sh
+                       eval_protocol="hard"),
+    "imagewoof": dict(ft_res=512, threshold=0.7, contamination=0.1, out_size=256,  # not published: Nette's values
+                      eval_protocol="hard"),
+    "imagenet100": dict(ft_res=512, threshold=0.7, contamination=0.1, out_size=256,  # not published: Nette's values
+                        eval_protocol="hard"),
+    "imagenet": dict(ft_res=512, threshold=0.7, contamination=0.1, out_size=224,  # Image1K dir names, gen_syn_image.py L131
+                     eval_protocol="rded"),
+}
+DEFAULTS = dict(ft_res=512, threshold=0.7, contamination=0.1, out_size=256, eval_protocol="hard")
+
+QUESTION = ("Describe the physical appearance of the {} in the image.Include details about its shape, "
+            "posture, color, and any distinct features.")  # config_produce_llava.py (no space after "image.")
+SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+          "helpful, detailed, and polite answers to the human's questions.")  # LLaVA conv mode llava_v1
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_generic_args(p, ipc=10)
+    g = p.add_argument_group("models")
+    g.add_argument("--model", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
+                   help="Stable Diffusion 1.x hub id or folder (the official base is benjamin-paine/stable-diffusion-v1-5)")
+    g.add_argument("--captioner", default="llava-hf/llava-1.5-7b-hf", help="LLaVA-1.5 (transformers) hub id or folder")
+    g.add_argument("--max-per-class", type=int, default=None,
+                   help="use only the first N real training images of each class in every stage (quick runs, tests)")
+    g = p.add_argument_group("stage 1: captions (Sec. 3.1)")
+    g.add_argument("--captions", default=None,
+                   help="captions file to reuse and complete: our captions.jsonl or the official metadata.jsonl "
+                        "({'file_name','text'} lines); default <out>/captions.jsonl")
+    g.add_argument("--caption-batch-size", type=int, default=8, help="images per LLaVA generate call")
+    g.add_argument("--caption-temperature", type=float, default=0.2, help="sampling temperature (model_vqa.py default)")
+    g.add_argument("--caption-max-tokens", type=int, default=1024, help="max new tokens per caption (model_vqa.py default)")
+    g = p.add_argument_group("stage 2: fine-tuning (Sec. 3.2)")
+    g.add_argument("--finetuned", default=None,
+                   help="folder of the fine-tuned pipeline: trained if incomplete, loaded if done; default <out>_sd")
+    g.add_argument("--finetune-epochs", type=int, default=8, help="epochs over (image, caption); 0 skips stage 2")
+    g.add_argument("--ft-res", type=int, default=None, help="fine-tuning resolution (512 ImageNet, 32 CIFAR)")
+    g.add_argument("--ft-batch-size", type=int, default=32, help="images per micro-batch (per process)")
+    g.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimiser step (32x4 = 128)")
+    g.add_argument("--ft-lr", type=float, default=1e-5, help="AdamW learning rate, constant")
+    g.add_argument("--ft-max-steps", type=int, default=None, help="stop after this many optimiser steps")
+    g.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay cap (diffusers EMAModel)")
+    g.add_argument("--mixed-precision", default="fp16", choices=("fp16", "bf16", "no"), help="on CUDA only")
+    g.add_argument("--checkpointing-steps", type=int, default=500, help="save a resumable checkpoint every N steps")
+    g = p.add_argument_group("stages 3-4: prototypes (Sec. 3.3, 3.4)")
+    g.add_argument("--size", type=int, default=512, help="real images are squashed to size x size before VAE encoding")
+    g.add_argument("--encode-batch-size", type=int, default=10, help="images per VAE encode call")
+    g.add_argument("--contamination", type=float, default=None, help="LocalOutlierFactor contamination; 0 keeps all")
+    g.add_argument("--lof-neighbors", type=int, default=10, help="LocalOutlierFactor n_neighbors")
+    g.add_argument("--threshold", type=float, default=None, help="a word in >= threshold of a class's captions is common")
+    g.add_argument("--tpk", type=int, default=30, help="top-k frequent words scored per cluster (scripts: 30)")
+    g.add_argument("--text-match", default="substring", choices=("substring", "token"),
+                   help="substring: official 'w in caption' (red matches covered); token: whole words only")
+    g = p.add_argument_group("stage 5: synthesis (Sec. 3.5)")
+    g.add_argument("--strength", type=float, default=0.7, help="img2img strength")
+    g.add_argument("--guidance-scale", type=float, default=10.0, help="classifier-free guidance")
+    g.add_argument("--steps", type=int, default=50, help="inference steps (pipeline default)")
+    g.add_argument("--scheduler", default="pndm", choices=("pndm", "ddim"), help="pndm is the checkpoint's own")
+    g.add_argument("--negative-prompt", default="cartoon, anime, painting", help="unconditional branch of CFG")
+    g.add_argument("--out-size", type=int, default=None, help="saved resolution (CIFAR 32, Tiny 64, IN-1K 224, else 256)")
+    g.add_argument("--pad-to-77k", action="store_true",
+                   help="pad prompt embeddings to a multiple of 77 tokens so every image batches (changes outputs)")
+    g.add_argument("--synth-batch-size", type=int, default=8, help="images per img2img call")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval-protocol", default=None, choices=("hard", "rded"), help="hard = Minimax (Sec. 3.6), rded (Sec. 3.7)")
+    g.add_argument("--eval-repeats", type=int, default=None, help="override validate_fkd's repeats")
+    g.add_argument("--eval-epochs", type=int, default=None, help="override validate_fkd's epochs")
+    return common.apply_presets(p.parse_args(argv), PRESETS, DEFAULTS)
+
+
+# --- stage 1 helpers: captions ---------------------------------------------------------------------
+def image_keys(ds, dataset, classes):
+    """Path of every training image relative to the train root: the caption key (official metadata)."""
+    if hasattr(ds, "samples"):
+        root = ds.root
+        return [os.path.relpath(p, root).replace(os.sep, "/") for p, _ in ds.samples]
+    return [f"{classes[int(t)]['id']}/{i:05d}.png" for i, t in enumerate(ds.targets)]
+
+
+def read_captions(path):
+    """{key: text} from our one-pair-per-line file or the official {"file_name", "text"} lines."""
+    caps = {}
+    with open(path) as f:
+        lines = f.read().split("\n")
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines):
+                continue  # a last line cut by a crash: its image is captioned again
+            raise common.UserError(f"{path} line {n} is not JSON; expected captions.jsonl or metadata.jsonl lines")
+        if not isinstance(obj, dict):
+            raise common.UserError(f"{path} line {n} is not a JSON object")
+        if "file_name" in obj and "text" in obj:
+            name = obj["file_name"]
+            caps[name] = obj["text"]
+            folder, base = os.path.split(name)  # llava_result_sum renamed a_b.JPEG to aMMb.JPEG
+            caps.setdefault(f"{folder}/{base.replace('MM', '_', 1)}" if folder else base, obj["text"])
+        else:
+            caps.update(obj)
+    return caps
+
+
+def append_captions(path, pairs):
+    with open(path, "a+") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell():
+            f.seek(f.tell() - 1)
+            if f.read(1) != "\n":
+                f.write("\n")
+        f.write("".join(json.dumps({k: v}) + "\n" for k, v in pairs))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def expand2square(img, color):
+    """LLaVA-1.5's image_aspect_ratio='pad': paste the image centred on a square of the mean colour."""
+    from PIL import Image
+    w, h = img.size
+    if w == h:
+        return img
+    sq = Image.new(img.mode, (max(w, h),) * 2, color)
+    sq.paste(img, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
+    return sq
+
+
+def as_pil(x):
+    return T.functional.to_pil_image(x) if isinstance(x, torch.Tensor) else x.convert("RGB")
+
+
+def caption_images(ds, items, keys, class_names, path, args, device):
+    """LLaVA answers the paper's question for each (index) in items; appended to `path` batch by batch."""
+    from tqdm import tqdm
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
+    model = common.hub_from_pretrained(LlavaForConditionalGeneration, args.captioner, "--captioner",
+                                       dtype=dtype).to(device).eval()
+    processor = common.hub_from_pretrained(AutoProcessor, args.captioner, "--captioner")
+    processor.tokenizer.padding_side = "left"  # batched decoder-only generation
+    mean = tuple(int(m * 255) for m in processor.image_processor.image_mean)
+    bs = args.caption_batch_size
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, items), batch_size=bs, num_workers=args.workers,
+                                         collate_fn=lambda b: [as_pil(x) for x, _ in b])
+    for b, images in enumerate(tqdm(loader, desc="captions", unit="batch")):
+        idx = items[b * bs:(b + 1) * bs]
+        prompts = [f"{SYSTEM} USER: <image>\n{QUESTION.format(class_names[int(ds.targets[i])])} ASSISTANT:" for i in idx]
+        inputs = processor(text=prompts, images=[expand2square(im, mean) for im in images], return_tensors="pt",
+                           padding=True).to(device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        torch.manual_seed(args.seed * 1_000_003 + idx[0])  # sampling at T=0.2 is random: seed it
+        with torch.no_grad():
+            out = model.generate(**inputs, do_sample=True, temperature=args.caption_temperature, num_beams=1,
+                                 max_new_tokens=args.caption_max_tokens)
+        texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        # llava_result_sum.py: drop '"' and every "'s"
+        append_captions(path, [(keys[i], t.strip().replace('"', "").replace("'s", "")) for i, t in zip(idx, texts)])
+
+
+# --- stage 2 helper: fine-tuning -------------------------------------------------------------------
+class CaptionedImages(torch.utils.data.Dataset):
+    """(image in [-1,1], 77 caption token ids): Resize + CenterCrop + flip, captions truncated as in training."""
+
+    def __init__(self, ds, indices, texts, tokenizer, res):
+        self.ds, self.indices = ds, indices
+        self.ids = tokenizer(texts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                             return_tensors="pt").input_ids
+        self.tf = T.Compose([common.to_tensor(), T.Resize(res, antialias=True), T.CenterCrop(res),
+                             T.RandomHorizontalFlip(), T.Normalize([0.5], [0.5])])
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, k):
+        return self.tf(self.ds[self.indices[k]][0]), self.ids[k]
+
+
+def finetune_unet(model, ds, indices, texts, out_dir, args, d, settings):
+    """train_text_to_image.py: eps-prediction MSE on DDPM-noised VAE latents, UNet only, AdamW, EMA."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.training_utils import EMAModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+    from tqdm import tqdm
+    dev = d.device
+    cuda = str(dev).startswith("cuda")
+    amp = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision) if cuda else None
+    load = lambda cls, sub: common.hub_from_pretrained(cls, model, "--model", subfolder=sub)  # noqa: E731
+    tokenizer, noise_scheduler = load(CLIPTokenizer, "tokenizer"), load(DDPMScheduler, "scheduler")
+    vae = load(AutoencoderKL, "vae").to(dev, amp or torch.float32).requires_grad_(False)
+    text_encoder = load(CLIPTextModel, "text_encoder").to(dev, amp or torch.float32).requires_grad_(False)
+    unet = load(UNet2DConditionModel, "unet").to(dev).train()
+    if cuda:
+        unet.enable_gradient_checkpointing()
+    ema = EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=UNet2DConditionModel, model_config=unet.config)
+    opt = torch.optim.AdamW(unet.parameters(), lr=args.ft_lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    net = unet
+    if d.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(unet, device_ids=[d.local_rank] if cuda else None)
+    data = CaptionedImages(ds, indices, texts, tokenizer, args.ft_res)
+    micro_per_epoch = math.ceil(len(shard_of(range(len(data)), d)) / args.ft_batch_size)
+    steps_per_epoch = math.ceil(micro_per_epoch / args.grad_accum)
+    total = args.finetune_epochs * steps_per_epoch
+    total = min(total, args.ft_max_steps) if args.ft_max_steps else total
+    ckpt_path, step = os.path.join(out_dir, "checkpoint.pt"), 0
+    if os.path.isfile(ckpt_path):  # resume
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        unet.load_state_dict(ck["unet"])
+        ema.load_state_dict(ck["ema"])
+        opt.load_state_dict(ck["opt"])
+        scaler.load_state_dict(ck["scaler"])
+        step = ck["step"]
+        print(f"finetune: resuming at step {step}/{total}")
+    ema.to(dev)
+    bar = tqdm(total=total, initial=step, desc="finetune", unit="step", disable=not d.main)
+    while step < total:
+        epoch, done_micro = step // steps_per_epoch, (step % steps_per_epoch) * args.grad_accum
+        perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).tolist()
+        mine = shard_of(perm, d)[done_micro * args.ft_batch_size:]
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, mine), batch_size=args.ft_batch_size,
+                                             num_workers=args.workers)
+        n_micro, losses = micro_per_epoch - done_micro, []
+        for m, (x, ids) in enumerate(loader):
+            g = torch.Generator(dev).manual_seed(args.seed * 1_000_003 + (epoch * micro_per_epoch + done_micro + m) * d.world + d.rank)
+            with torch.no_grad():
+                x = x.to(dev, amp or torch.float32)
+                latents = vae.encode(x).latent_dist.sample(g).float() * vae.config.scaling_factor
+                cond = text_encoder(ids.to(dev))[0].float()
+            noise = torch.randn(latents.shape, generator=g, device=dev)
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(x),), generator=g, device=dev)
+            noisy = noise_scheduler.add_noise(latents, noise, t)
+            target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
+                noise_scheduler.get_velocity(latents, noise, t)
+            sync = (m + 1) % args.grad_accum == 0 or m + 1 == n_micro
+            with net.no_sync() if d.world > 1 and not sync else contextlib.nullcontext():
+                with torch.autocast("cuda", dtype=amp) if amp else contextlib.nullcontext():
+                    loss = torch.nn.functional.mse_loss(net(noisy, t, cond).sample.float(), target)
+                scaler.scale(loss / args.grad_accum).backward()
+            losses.append(loss.detach())
+            if not sync:
+                continue
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)  # --max_grad_norm=1
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            ema.step(unet.parameters())
+            step += 1
+            bar.update(1)
+            if d.main and (step % args.checkpointing_steps == 0 or step == total):
+                common.atomic_torch_save({"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                                          "scaler": scaler.state_dict(), "step": step}, ckpt_path)
+            if step >= total:
+                break
+        if d.main and losses:
+            print(f"finetune epoch {epoch}: step {step}/{total} loss {torch.stack(losses).mean().item():.4f}")
+    bar.close()
+    if d.main:  # the whole pipeline with the EMA UNet, as train_text_to_image.py saves it
+        ema.copy_to(unet.parameters())
+        pipe = common.hub_from_pretrained(StableDiffusionPipeline, model, "--model", unet=unet.float().eval(),
+                                          safety_checker=None, requires_safety_checker=False)
+        pipe.save_pretrained(out_dir)
+        common.atomic_write_json(os.path.join(out_dir, "vlcp_finetune.json"), settings)
+        os.remove(ckpt_path)
+    common.barrier()
+
+
+def finetune_record(path):
+    """The settings a finished fine-tuning folder was made with (None while unfinished)."""
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def shard_of(items, d):
+    return common.shard(items, d.rank, d.world)
+
+
+# --- stage 3 helpers: image prototypes --------------------------------------------------------------
+@torch.no_grad()
+def encode_latents(vae, ds, indices, args, generator, device):
+    """z = vae.encode(2x-1).latent_dist.sample() * scaling_factor on size x size squashed images (§1.2)."""
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, indices), batch_size=args.encode_batch_size,
+                                         num_workers=args.workers)
+    out = []
+    for x, _ in loader:
+        x = (2 * x - 1).to(device, vae.dtype)
+        out.append((vae.encode(x).latent_dist.sample(generator) * vae.config.scaling_factor).float().cpu())
+    return torch.cat(out)
+
+
+def image_prototypes(latents, ipc, contamination, seed, n_neighbors=10, what="class"):
+    """LOF outlier removal (if contamination > 0), then KMeans(ipc): (centres [ipc,D], labels, inlier mask)."""
+    from sklearn.cluster import KMeans
+    from sklearn.neighbors import LocalOutlierFactor
+    X = latents.reshape(len(latents), -1).astype(np.float64)  # official: fp16 numpy, upcast by sklearn
+    keep = np.ones(len(X), dtype=bool)
+    if contamination > 0:
+        keep = LocalOutlierFactor(n_neighbors=n_neighbors, contamination=contamination).fit_predict(X) == 1
+    if keep.sum() < ipc:
+        raise common.UserError(f"{what} keeps {keep.sum()} images after outlier removal (contamination "
+                               f"{contamination}), fewer than --ipc {ipc}; lower --contamination or --ipc")
+    km = KMeans(n_clusters=ipc, random_state=seed, n_init=10).fit(X[keep])
+    return km.cluster_centers_, km.labels_, keep
+
+
+# --- stage 4 helper: text prototypes -----------------------------------------------------------------
+def words(text):
+    """Alphabetic tokens, lower-cased (stands in for nltk.word_tokenize + isalpha, see header)."""
+    return [w.lower() for w in re.findall(r"[^\W\d_]+", text)]
+
+
+def text_prototypes(captions, labels, n_clusters, class_name, threshold, tpk, match="substring"):
+    """gen_prototype.py L128-217: per cluster, the first caption with the highest sum of the
+    frequencies of the cluster's top-tpk words it contains (common, stop and class-name words removed)."""
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS as STOP
+    toks = [words(c) for c in captions]
+    df = Counter(w for t in toks for w in set(t))
+    common_words = {w for w, n in df.items() if n >= threshold * len(captions) and w not in STOP}
+    out = []
+    for k in range(n_clusters):
+        members = [i for i, lab in enumerate(labels) if lab == k]
+        pool = [w for i in members for w in toks[i]
+                if w not in STOP and w not in common_words and w not in class_name]  # class name: substring, case-sensitive
+        top = Counter(pool).most_common(tpk)
+        best, best_score = "", 0
+        for i in members:
+            has = (lambda w: w in captions[i]) if match == "substring" else (lambda w, s=set(toks[i]): w in s)
+            score = sum(f for w, f in top if has(w))
+            if score > best_score:  # the first maximum wins
+                best, best_score = captions[i], score
+        out.append(best)
+    return out
+
+
+# --- stage 5 helper: long-prompt embeddings ----------------------------------------------------------
+@torch.no_grad()
+def long_prompt_embeds(pipe, prompt, negative, pad_to_77k=False):
+    """get_pipeline_embeds (gen_syn_image.py L70-103): tokenise the longer text (by word count) without
+    truncation to n tokens, pad the other to n, encode 77-token chunks and concatenate: [1, n, dim] each."""
+    tok, enc, chunk = pipe.tokenizer, pipe.text_encoder, pipe.tokenizer.model_max_length
+    first, second = (prompt, negative) if len(prompt.split(" ")) >= len(negative.split(" ")) else (negative, prompt)
+    ids_first = tok(first, truncation=False, return_tensors="pt").input_ids
+    n = ids_first.shape[-1]
+    if pad_to_77k:
+        n = math.ceil(n / chunk) * chunk
+        ids_first = tok(first, truncation=False, padding="max_length", max_length=n, return_tensors="pt").input_ids
+    ids_second = tok(second, truncation=False, padding="max_length", max_length=n, return_tensors="pt").input_ids
+    ids_p, ids_n = (ids_first, ids_second) if first is prompt else (ids_second, ids_first)
+    dev = enc.device
+    emb = lambda ids: torch.cat([enc(ids[:, i:i + chunk].to(dev))[0] for i in range(0, n, chunk)], 1)  # noqa: E731
+    return emb(ids_p), emb(ids_n)
+
+
+def image_seed(seed, c, k):
+    return seed * 1_000_003 + c * 1009 + k
+
+
+# --- main ----------------------------------------------------------------------------------------
+def main(argv=None):
+    args = parse_args(argv)
+    t_start = time.time()
+    classes = common.class_list(args.dataset, args.data_path)
+    names = [c["name"] for c in classes]
+    if not args.out:
+        raise common.UserError("--out is required: the folder of the distilled set")
+    if args.ipc < 1 or (args.max_per_class is not None and args.max_per_class < args.ipc):
+        raise common.UserError(f"--ipc {args.ipc} must be >= 1 and <= --max-per-class {args.max_per_class}")
+    d = common.dist_setup(args.device)
+    common.seed_everything(args.seed)
+    train = common.real_dataset(args.dataset, args.data_path, "train")
+    targets = np.asarray(train.targets)
+    per_class = [np.flatnonzero(targets == c)[:args.max_per_class].tolist() for c in range(len(classes))]
+    for c, idx in enumerate(per_class):
+        if len(idx) < args.ipc:
+            raise common.UserError(f"class {c} ({names[c]}) has {len(idx)} training images, fewer than --ipc {args.ipc}")
+    selected = [i for idx in per_class for i in idx]
+    keys = image_keys(train, args.dataset, classes)
+    captions_path = args.captions or os.path.join(args.out, "captions.jsonl")
+    if args.captions and os.path.isfile(args.captions):
+        read_captions(args.captions)  # a malformed file stops here, before the output is touched
+    ft_dir = args.finetuned or args.out.rstrip("/") + "_sd"
+    ft_settings = {k: getattr(args, k) for k in ("model", "dataset", "max_per_class", "finetune_epochs", "ft_res",
+                                                 "ft_batch_size", "grad_accum", "ft_lr", "ft_max_steps", "ema_decay",
+                                                 "mixed_precision", "seed")}
+    ft_record = os.path.join(ft_dir, "vlcp_finetune.json")
+    if args.finetune_epochs > 0 and finetune_record(ft_record) not in (None, ft_settings) and not args.overwrite:
+        raise common.UserError(f"{ft_dir} holds a model fine-tuned with other settings; pass --overwrite to "
+                               f"retrain it or choose another --finetuned")
+    run = common.RunDir(args.out, args, classes, rank=d.rank, overwrite=args.overwrite,
+                        extra_artefacts=("captions.jsonl", "text_prototypes.json", ".vlcp"),
+                        ignore=("caption_batch_size", "encode_batch_size", "synth_batch_size", "checkpointing_steps"))
+    todo = [c for c in shard_of(range(len(classes)), d) if not run.class_complete(c, args.ipc)]
+    proto_dir = os.path.join(args.out, ".vlcp")
+    os.makedirs(proto_dir, exist_ok=True)
+
+    # --- stage 1: LLaVA captions of every training image (Sec. 3.1) ---
+    captions = read_captions(captions_path) if os.path.isfile(captions_path) else {}
+    missing = [i for i in selected if keys[i] not in captions]
+    with run.stage("captions", items=len(missing)):
+        if missing:
+            print(f"captions: {len(selected) - len(missing)} of {len(selected)} images already captioned in "
+                  f"{captions_path}; captioning {len(missing)} with {args.captioner}")
+            part = captions_path if d.world == 1 else f"{captions_path}.rank{d.rank}"
+            caption_images(train, shard_of(missing, d), keys, names, part, args, d.device)
+            common.barrier()
+            if d.main and d.world > 1:
+                for r in range(d.world):
+                    if os.path.isfile(f"{captions_path}.rank{r}"):
+                        append_captions(captions_path, read_captions(f"{captions_path}.rank{r}").items())
+                        os.remove(f"{captions_path}.rank{r}")
+            common.barrier()
+            captions = read_captions(captions_path)
+    run.record["captions"] = {"file": os.path.abspath(captions_path), "images": len(selected),
+                              "generated": len(missing)}
+
+    # --- stage 2: fine-tune the SD UNet on (image, caption) (Sec. 3.2) ---
+    sd_path = args.model
+    if args.finetune_epochs > 0:
+        sd_path = ft_dir
+        if finetune_record(ft_record) != ft_settings:
+            if d.main and os.path.isfile(ft_record):  # other settings and --overwrite: retrain from scratch
+                shutil.rmtree(ft_dir)
+            os.makedirs(ft_dir, exist_ok=True)
+            with run.stage("finetune", items=len(selected) * args.finetune_epochs):
+                finetune_unet(args.model, train, selected, [captions[keys[i]] for i in selected], ft_dir, args, d,
+                              ft_settings)
+        print(f"finetune: using {ft_dir}")
+    run.record["sd_model"] = sd_path
+
+    pipe = None
+    if todo:
+        from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
+        dtype = torch.float16 if str(d.device).startswith("cuda") else torch.float32  # official: fp16
+        pipe = common.hub_from_pretrained(StableDiffusionImg2ImgPipeline, sd_path, "--model", torch_dtype=dtype,
+                                          safety_checker=None, requires_safety_checker=False).to(d.device)
+        pipe.set_progress_bar_config(disable=True)
+        if args.scheduler == "ddim":
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+
+    # --- stage 3: image prototypes, LOF + KMeans per class on VAE latents (Sec. 3.3) ---
+    enc_set = common.real_dataset(args.dataset, args.data_path, "train",
+                                  T.Compose([common.to_tensor(), T.Resize((args.size, args.size), antialias=True)]))
+    proto_file = lambda c: os.path.join(proto_dir, f"{c:05d}.pt")  # noqa: E731
+    need = [c for c in todo if not os.path.isfile(proto_file(c))]
+    with run.stage("image_prototypes", items=sum(len(per_class[c]) for c in need)):
+        for c in need:
+            g = torch.Generator(d.device).manual_seed(args.seed * 1009 + c)
+            z = encode_latents(pipe.vae, enc_set, per_class[c], args, g, d.device)
+            centres, labels, keep = image_prototypes(z.numpy(), args.ipc, args.contamination, args.seed,
+                                                     args.lof_neighbors, f"class {c} ({names[c]})")
+            inliers = [keys[i] for i, k in zip(per_class[c], keep) if k]
+            common.atomic_torch_save({"prototypes": torch.tensor(centres, dtype=torch.float32).view(args.ipc, *z.shape[1:]),
+                                      "labels": labels.tolist(), "inliers": inliers}, proto_file(c))
+            print(f"class {c}: {keep.sum()}/{len(keep)} inliers -> {args.ipc} prototypes of {tuple(z.shape[1:])}")
+
+    # --- stage 4: text prototypes, one caption per cluster (Sec. 3.4) ---
+    with run.stage("text_prototypes"):
+        for c in todo:
+            rec = torch.load(proto_file(c), weights_only=False)
+            if "text" in rec:
+                continue
+            lost = [k for k in rec["inliers"] if k not in captions]
+            if lost:
+                raise common.UserError(f"{captions_path} has no caption for {lost[0]} (and {len(lost) - 1} more)")
+            rec["text"] = text_prototypes([captions[k] for k in rec["inliers"]], rec["labels"], args.ipc, names[c],
+                                          args.threshold, args.tpk, args.text_match)
+            common.atomic_torch_save(rec, proto_file(c))
+
+    # --- stage 5: img2img from each image prototype with its text prototype (Sec. 3.5) ---
+    from PIL import Image
+    from tqdm import tqdm
+    with run.stage("synthesis", items=len(todo) * args.ipc):
+        for c in tqdm(todo, desc="synthesis", unit="class", disable=not todo):
+            rec = torch.load(proto_file(c), weights_only=False)
+            embeds = [long_prompt_embeds(pipe, t, args.negative_prompt, args.pad_to_77k) for t in rec["text"]]
+            images = [None] * args.ipc
+            by_len = {}
+            for k, (pe, _) in enumerate(embeds):  # same length -> one batch
+                by_len.setdefault(pe.shape[1], []).append(k)
+            for group in by_len.values():
+                for s in range(0, len(group), args.synth_batch_size):
+                    ks = group[s:s + args.synth_batch_size]
+                    out = pipe(image=rec["prototypes"][ks].to(d.device, pipe.dtype),
+                               prompt_embeds=torch.cat([embeds[k][0] for k in ks]),
+                               negative_prompt_embeds=torch.cat([embeds[k][1] for k in ks]),
+                               strength=args.strength, guidance_scale=args.guidance_scale,
+                               num_inference_steps=args.steps, output_type="pil",
+                               generator=[torch.Generator().manual_seed(image_seed(args.seed, c, k)) for k in ks]).images
+                    for k, im in zip(ks, out):  # official PIL .resize: bicubic
+                        im = im.resize((args.out_size, args.out_size), Image.BICUBIC) if im.size[0] != args.out_size else im
+                        images[k] = common.to_tensor()(im)
+            run.write_class(c, torch.stack(images))
+    common.barrier()
+    if d.main:
+        texts = {}
+        for c in range(len(classes)):
+            if os.path.isfile(proto_file(c)):
+                texts[f"{c:05d}"] = torch.load(proto_file(c), weights_only=False).get("text")
+        common.atomic_write_json(os.path.join(args.out, "text_prototypes.json"), texts)
+        empty = sum(t == "" for v in texts.values() for t in (v or []))
+        run.record["text_prototypes"] = {"file": "text_prototypes.json", "empty": empty}
+    n_images = len(classes) * args.ipc
+    run.finish(device=d.device, images=n_images, seconds=round(time.time() - t_start, 1))
+
+    # --- stage 6: evaluation (Sec. 3.6 Minimax = hard labels, Sec. 3.7 RDED) ---
+    result = None
+    if args.eval and d.main:
+        if not os.path.isfile(os.path.join(common.ROOT, "validate_fkd.py")):
+            raise common.UserError("validate_fkd.py is missing next to vlcp.py; --eval needs it")
+        import validate_fkd
+        extra = ["--data-path", args.data_path] if args.data_path else []
+        extra += ["--repeats", str(args.eval_repeats)] if args.eval_repeats else []
+        extra += ["--epochs", str(args.eval_epochs)] if args.eval_epochs else []
+        result = validate_fkd.main(["--syn-data-path", args.out, "--dataset", args.dataset, "--protocol",
+                                    args.eval_protocol, "--ipc", str(args.ipc), "--seed", str(args.seed),
+                                    "--device", str(args.device), *extra])
+    if d.main:
+        acc = f"; {args.eval_protocol} top-1 {result['best_mean']:.2f} +- {result['best_std']:.2f}" if result else ""
+        print(f"vlcp {args.dataset} ipc{args.ipc}: {n_images} images ({args.out_size} px) in {args.out}; "
+              f"{run.record.get('text_prototypes', {}).get('empty', 0)} empty text prototypes; "
+              f"{time.time() - t_start:.0f}s{acc}")
+
+
+if __name__ == "__main__":
+    common.run_cli(main)
