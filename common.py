@@ -113,6 +113,9 @@ def _folder_root(dataset, data_path, split):
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
     if not classes:
         raise UserError(f"{root} holds no class folders")
+    if len(classes) != DATASETS[dataset].num_classes:
+        raise UserError(f"{root} has {len(classes)} class folders but {dataset} has {DATASETS[dataset].num_classes} "
+                        f"classes: the teacher's class indices would not line up")
     return root, classes
 
 
@@ -1046,7 +1049,7 @@ def load_image_set(folder, classes, ipc=None, size=None, return_rows=False):
         if ipc is not None and len(files) < ipc:
             raise UserError(f"class folder {os.path.join(folder, d)} holds {len(files)} images, fewer than --ipc {ipc}")
         for k, f in enumerate(files[:ipc]):
-            images.append(torch.from_numpy(np.asarray(_checked_loader(os.path.join(folder, d, f)))).permute(2, 0, 1))
+            images.append(torch.from_numpy(np.array(_checked_loader(os.path.join(folder, d, f)))).permute(2, 0, 1))
             targets.append(c)
             rows.append(offset + k)
         offset += len(files)

@@ -63,8 +63,8 @@ IMAGENET_TEACHERS = "resnet18,mobilenet_v2,efficientnet_b0"  # §1.2, ufc_imgnet
 PRESETS = {
     # not published: our choice. Three cheap ConvNets (conv3 ~60 ms, conv4 ~65 ms, conv5 ~70 ms per
     # 10-image step on one core; shufflenet_g2 ~145, mobilenet_v2_cifar ~275) give M=3 different
-    # depths, trained on first use; 100 iterations: the digits loss has flattened by then
-    "digits": dict(teacher="conv3,conv4,conv5", iterations=100, lr=0.25, r_bn=1.0, augment="roll", jitter=4),
+    # depths, trained on first use; 50 iterations keep the default run at a few minutes on 2 busy cores
+    "digits": dict(teacher="conv3,conv4,conv5", iterations=50, lr=0.25, r_bn=1.0, augment="roll", jitter=4),
     # README / sh/ufc_cifar.sh: T 1000, lr 0.25, r_bn 1.0; roll jitter 4 (ufc_cifar.py:64-65)
     "cifar10": dict(teacher=CIFAR_TEACHERS, iterations=1000, lr=0.25, r_bn=1.0, augment="roll", jitter=4),
     "cifar100": dict(teacher=CIFAR_TEACHERS, iterations=1000, lr=0.25, r_bn=1.0, augment="roll", jitter=4,

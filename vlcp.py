@@ -172,12 +172,13 @@ def read_captions(path):
 
 
 def append_captions(path, pairs):
-    with open(path, "a+") as f:
-        f.seek(0, os.SEEK_END)
-        if f.tell():
-            f.seek(f.tell() - 1)
-            if f.read(1) != "\n":
-                f.write("\n")
+    """Append {key: text} lines; a last line cut by a crash is dropped first (its image is redone)."""
+    with open(path, "a+b") as f:
+        f.seek(0)
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+    with open(path, "a") as f:
         f.write("".join(json.dumps({k: v}) + "\n" for k, v in pairs))
         f.flush()
         os.fsync(f.fileno())
@@ -198,6 +199,11 @@ def as_pil(x):
     return T.functional.to_pil_image(x) if isinstance(x, torch.Tensor) else x.convert("RGB")
 
 
+def caption_prompt(class_name):
+    """model_vqa.py with conv mode llava_v1: system line, then USER: <image>\n{Q} ASSISTANT:"""
+    return f"{SYSTEM} USER: <image>\n{QUESTION.format(class_name)} ASSISTANT:"
+
+
 def caption_images(ds, items, keys, class_names, path, args, device):
     """LLaVA answers the paper's question for each (index) in items; appended to `path` batch by batch."""
     from tqdm import tqdm
@@ -213,7 +219,7 @@ def caption_images(ds, items, keys, class_names, path, args, device):
                                          collate_fn=lambda b: [as_pil(x) for x, _ in b])
     for b, images in enumerate(tqdm(loader, desc="captions", unit="batch")):
         idx = items[b * bs:(b + 1) * bs]
-        prompts = [f"{SYSTEM} USER: <image>\n{QUESTION.format(class_names[int(ds.targets[i])])} ASSISTANT:" for i in idx]
+        prompts = [caption_prompt(class_names[int(ds.targets[i])]) for i in idx]
         inputs = processor(text=prompts, images=[expand2square(im, mean) for im in images], return_tensors="pt",
                            padding=True).to(device)
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
@@ -458,7 +464,7 @@ def main(argv=None):
         raise common.UserError(f"{ft_dir} holds a model fine-tuned with other settings; pass --overwrite to "
                                f"retrain it or choose another --finetuned")
     run = common.RunDir(args.out, args, classes, rank=d.rank, overwrite=args.overwrite,
-                        extra_artefacts=("captions.jsonl", "text_prototypes.json", ".vlcp"),
+                        extra_artefacts=("captions.jsonl", "text_prototypes.json", "prototypes.pt", ".vlcp"),
                         ignore=("caption_batch_size", "encode_batch_size", "synth_batch_size", "checkpointing_steps"))
     todo = [c for c in shard_of(range(len(classes)), d) if not run.class_complete(c, args.ipc)]
     proto_dir = os.path.join(args.out, ".vlcp")
@@ -562,14 +568,20 @@ def main(argv=None):
                         images[k] = common.to_tensor()(im)
             run.write_class(c, torch.stack(images))
     common.barrier()
-    if d.main:
-        texts = {}
-        for c in range(len(classes)):
-            if os.path.isfile(proto_file(c)):
-                texts[f"{c:05d}"] = torch.load(proto_file(c), weights_only=False).get("text")
-        common.atomic_write_json(os.path.join(args.out, "text_prototypes.json"), texts)
-        empty = sum(t == "" for v in texts.values() for t in (v or []))
-        run.record["text_prototypes"] = {"file": "text_prototypes.json", "empty": empty}
+    if d.main:  # gather the per-class records; the folder stays a plain ImageFolder root
+        merged_path = os.path.join(args.out, "prototypes.pt")
+        merged = torch.load(merged_path, weights_only=False) if os.path.isfile(merged_path) else {}
+        merged.update({c: torch.load(proto_file(c), weights_only=False) for c in range(len(classes))
+                       if os.path.isfile(proto_file(c))})
+        if len(merged) == len(classes):
+            common.atomic_torch_save(merged, merged_path)
+            common.atomic_write_json(os.path.join(args.out, "text_prototypes.json"),
+                                     {f"{c:05d}": r["text"] for c, r in merged.items()})
+            run.record["text_prototypes"] = {"file": "text_prototypes.json",
+                                             "empty": sum(t == "" for r in merged.values() for t in r["text"]),
+                                             "inliers": [len(merged[c]["inliers"]) for c in sorted(merged)]}
+        if all(run.class_complete(c, args.ipc) for c in range(len(classes))):
+            shutil.rmtree(proto_dir, ignore_errors=True)
     n_images = len(classes) * args.ipc
     run.finish(device=d.device, images=n_images, seconds=round(time.time() - t_start, 1))
 

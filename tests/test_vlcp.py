@@ -1,0 +1,215 @@
+"""vlcp.py: the text-prototype rule worked out by hand, LOF + KMeans against sklearn, the captions
+file formats, fine-tuning two steps, long-prompt chunking, and an end-to-end digits run with the
+tiny LLaVA and Stable Diffusion fixtures (on-disk contract, resume, bad input)."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import vlcp
+from conftest import run_script
+
+torch.set_num_threads(1)  # tiny models: threads only cost on a shared box
+
+
+# --- stage 4: the text-prototype rule --------------------------------------------------------------
+CAPTIONS = [
+    "A cat with red fur.",                   # cluster 0
+    "A cat with red ears.",                  # cluster 0
+    "A tabby cat, covered in green fur.",    # cluster 0
+    "A cat on green grass.",                 # cluster 0
+    "The cat has fur.",                      # cluster 1
+    "Abby? No: it is a cat.",                # cluster 1
+]
+LABELS = [0, 0, 0, 0, 1, 1]
+
+
+def test_text_prototype_rule_worked_example():
+    # N=6, threshold 0.5: common words have DF >= 3 -> "cat" (6), "fur" (3); red/green have DF 2.
+    # Cluster 0 pool (stop words, common words and substrings of "Tabby cat" removed; the test is
+    # case-sensitive, so "tabby" stays): red, red, ears, tabby, covered, green, green, grass.
+    # top-2 = [(red, 2), (green, 2)]. Substring scores: 2, 2, 2 ("red" in "covered") + 2 = 4, 2
+    # -> caption 2. Token scores: 2, 2, 2, 2 -> the first maximum, caption 0.
+    # Cluster 1 pool: "abby" is a substring of "Tabby cat", the rest are stop/common -> all scores 0 -> "".
+    got = vlcp.text_prototypes(CAPTIONS, LABELS, 2, "Tabby cat", threshold=0.5, tpk=2)
+    assert got == ["A tabby cat, covered in green fur.", ""]
+    got = vlcp.text_prototypes(CAPTIONS, LABELS, 2, "Tabby cat", threshold=0.5, tpk=2, match="token")
+    assert got == ["A cat with red fur.", ""]
+    # threshold 0.9: "fur" (DF 3 < 5.4) is no longer common and joins cluster 0's top words
+    # (fur 2 ties red 2 but red came first); captions 0 and 2 score red+fur = 4 -> caption 0 first.
+    got = vlcp.text_prototypes(CAPTIONS, LABELS, 2, "Tabby cat", threshold=0.9, tpk=2)
+    assert got[0] == "A cat with red fur."
+
+
+def test_words_are_alphabetic_lowercase():
+    assert vlcp.words("Its well-known RED fur, 3 spots & it's") == ["its", "well", "known", "red", "fur", "spots", "it", "s"]
+
+
+def test_caption_prompt_is_the_papers_question():
+    p = vlcp.caption_prompt("tench, Tinca tinca")
+    assert p.startswith("A chat between a curious human and an artificial intelligence assistant.")
+    assert p.endswith(" USER: <image>\nDescribe the physical appearance of the tench, Tinca tinca in the "
+                      "image.Include details about its shape, posture, color, and any distinct features. ASSISTANT:")
+
+
+# --- stage 3: LOF + KMeans ---------------------------------------------------------------------
+def test_image_prototypes_equal_sklearn():
+    from sklearn.cluster import KMeans
+    from sklearn.neighbors import LocalOutlierFactor
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 5, (3, 4, 2, 2))
+    z = np.concatenate([c + rng.normal(0, 0.3, (12, 4, 2, 2)) for c in centres] +
+                       [rng.normal(0, 40, (2, 4, 2, 2))]).astype(np.float32)  # two far outliers at the end
+    got_c, got_l, keep = vlcp.image_prototypes(z, 3, 0.05, seed=0)
+    X = z.reshape(len(z), -1).astype(np.float64)
+    ref_keep = LocalOutlierFactor(n_neighbors=10, contamination=0.05).fit_predict(X) == 1
+    ref = KMeans(n_clusters=3, random_state=0, n_init=10).fit(X[ref_keep])
+    np.testing.assert_array_equal(keep, ref_keep)
+    assert not keep[-2:].any() and keep[:-2].all()
+    np.testing.assert_allclose(got_c, ref.cluster_centers_)
+    np.testing.assert_array_equal(got_l, ref.labels_)
+    # each prototype lies on one true centre
+    dist = np.linalg.norm(got_c[:, None] - centres.reshape(3, -1)[None], axis=-1).min(1)
+    assert (dist < 0.5).all()
+    # contamination 0 keeps everything
+    assert vlcp.image_prototypes(z, 3, 0.0, seed=0)[2].all()
+    with pytest.raises(common.UserError, match="fewer than --ipc"):
+        vlcp.image_prototypes(z[:5], 6, 0.0, seed=0)
+
+
+# --- stage 1: captions files ---------------------------------------------------------------------
+def test_captions_file_formats(tmp_path):
+    official = tmp_path / "metadata.jsonl"
+    official.write_text('{"file_name": "n01440764/n01440764MM10026.JPEG", "text": "a green fish"}\n'
+                        '{"file_name": "n01443537/x.JPEG", "text": "a gold fish"}\n')
+    caps = vlcp.read_captions(official)
+    assert caps["n01440764/n01440764_10026.JPEG"] == caps["n01440764/n01440764MM10026.JPEG"] == "a green fish"
+    assert caps["n01443537/x.JPEG"] == "a gold fish"
+    ours = tmp_path / "captions.jsonl"
+    ours.write_text('{"3/00001.png": "a bold three"}\n{"3/00002.png": "a thin thr')  # crash mid-line
+    assert vlcp.read_captions(ours) == {"3/00001.png": "a bold three"}
+    vlcp.append_captions(ours, [("3/00002.png", 'a thin three')])
+    assert vlcp.read_captions(ours) == {"3/00001.png": "a bold three", "3/00002.png": "a thin three"}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"a": "b"}\nnot json\n{"c": "d"}\n')
+    with pytest.raises(common.UserError, match="line 2"):
+        vlcp.read_captions(bad)
+
+
+# --- stage 5: long prompts -----------------------------------------------------------------------
+def test_long_prompt_is_encoded_in_77_token_chunks(tiny_sd):
+    from diffusers import StableDiffusionImg2ImgPipeline
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    tok, enc = pipe.tokenizer, pipe.text_encoder
+    prompt = "a small red car on a blue road near a big green tree " * 4  # char-level vocab: > 154 tokens
+    ids = tok(prompt, truncation=False, return_tensors="pt").input_ids
+    n = ids.shape[1]
+    assert 154 < n < 231
+    pe, ne = vlcp.long_prompt_embeds(pipe, prompt, "cartoon, anime, painting")
+    assert pe.shape == ne.shape == (1, n, 32)
+    with torch.no_grad():
+        ref = torch.cat([enc(ids[:, :77])[0], enc(ids[:, 77:154])[0], enc(ids[:, 154:])[0]], 1)
+        neg_ids = tok("cartoon, anime, painting", padding="max_length", max_length=n, return_tensors="pt").input_ids
+        ref_neg = torch.cat([enc(neg_ids[:, i:i + 77])[0] for i in (0, 77, 154)], 1)
+        # the first chunk is what truncated (training-style) encoding gives, up to the EOS that
+        # truncation puts at position 76 (the train/synthesis mismatch of d4m_vlcp.md §4 VLCP.6)
+        trunc = enc(tok(prompt, truncation=True, max_length=77, return_tensors="pt").input_ids)[0]
+    torch.testing.assert_close(pe, ref)
+    torch.testing.assert_close(ne, ref_neg)
+    torch.testing.assert_close(pe[:, :76], trunc[:, :76])
+    pe77, ne77 = vlcp.long_prompt_embeds(pipe, prompt, "cartoon, anime, painting", pad_to_77k=True)
+    assert pe77.shape == ne77.shape == (1, 231, 32)
+    torch.testing.assert_close(pe77[:, :154], pe[:, :154])  # causal text encoder: padding changes nothing before it
+    # an empty text prototype takes the negative prompt's length
+    neg_n = tok("cartoon, anime, painting", return_tensors="pt").input_ids.shape[1]
+    assert vlcp.long_prompt_embeds(pipe, "", "cartoon, anime, painting")[0].shape == (1, neg_n, 32)
+
+
+# --- stage 2: fine-tuning ---------------------------------------------------------------------------
+def test_finetune_two_steps_changes_unet_and_saves_a_pipeline(tiny_sd, tmp_path):
+    from diffusers import StableDiffusionImg2ImgPipeline, UNet2DConditionModel
+    args = vlcp.parse_args(["--ft-res", "32", "--ft-batch-size", "2", "--grad-accum", "1", "--finetune-epochs", "3",
+                            "--ft-max-steps", "2", "--workers", "0", "--model", tiny_sd])
+    train = common.real_dataset("digits", None, "train")
+    out = str(tmp_path / "sd")
+    os.makedirs(out)
+    vlcp.finetune_unet(tiny_sd, train, [0, 1, 2, 3], ["a red one", "a blue " * 60, "a cat", "a dog"], out, args,
+                       common.Dist(device="cpu"), {"steps": 2})
+    assert json.load(open(os.path.join(out, "vlcp_finetune.json"))) == {"steps": 2}
+    assert not os.path.exists(os.path.join(out, "checkpoint.pt"))
+    base = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet").state_dict()
+    tuned = UNet2DConditionModel.from_pretrained(out, subfolder="unet").state_dict()
+    diff = max((tuned[k] - base[k]).abs().max().item() for k in base)
+    assert 0 < diff < 1e-3  # two AdamW steps at lr 1e-5, seen through the EMA
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(out)
+    assert pipe.safety_checker is None and pipe.vae.config.scaling_factor == pytest.approx(0.18215)
+
+
+# --- every stage from the command line ------------------------------------------------------------
+def _argv(out, tiny_sd, tiny_llava):
+    return ["--dataset", "digits", "--ipc", "2", "--max-per-class", "4", "--out", out, "--model", tiny_sd,
+            "--captioner", tiny_llava, "--size", "64", "--ft-res", "32", "--caption-max-tokens", "8",
+            "--finetune-epochs", "1", "--ft-batch-size", "4", "--grad-accum", "1", "--ft-max-steps", "1",
+            "--steps", "4", "--workers", "0"]
+
+
+def test_cli_digits_end_to_end_and_resume(tiny_sd, tiny_llava, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = str(tmp_path / "vlcp")
+    proc = run_script("vlcp.py", *_argv(out, tiny_sd, tiny_llava))
+    assert proc.stdout.strip().splitlines()[-1].startswith(f"vlcp digits ipc2: 20 images (32 px) in {out}")
+    classes = common.class_list("digits")
+    images, targets = common.load_image_set(out, classes)
+    assert images.shape == (20, 3, 32, 32) and targets.tolist() == [c for c in range(10) for _ in range(2)]
+    assert sorted(os.listdir(out)) == sorted([f"{c:05d}" for c in range(10)] + [
+        "captions.jsonl", "classes.json", "preview.png", "prototypes.pt", "run.json", "text_prototypes.json"])
+    record = json.load(open(os.path.join(out, "run.json")))
+    assert record["status"] == "done"
+    assert {"captions", "finetune", "image_prototypes", "text_prototypes", "synthesis"} <= set(record["stages"])
+    assert record["sd_model"] == out + "_sd" and os.path.isfile(os.path.join(out + "_sd", "vlcp_finetune.json"))
+    # captions: one {"<class id>/<index>.png": text} line for the first 4 images of every class
+    train_targets = common.digits_split("train")[1]
+    expected = {f"{c}/{i:05d}.png" for c in range(10) for i in (train_targets == c).nonzero().flatten()[:4].tolist()}
+    lines = open(os.path.join(out, "captions.jsonl")).read().splitlines()
+    caps = vlcp.read_captions(os.path.join(out, "captions.jsonl"))
+    assert len(lines) == 40 and set(caps) == expected and all(isinstance(v, str) for v in caps.values())
+    # each text prototype is one of its class's captions (or "")
+    texts = json.load(open(os.path.join(out, "text_prototypes.json")))
+    for c in range(10):
+        assert len(texts[f"{c:05d}"]) == 2
+        assert all(t == "" or t in [v for k, v in caps.items() if k.startswith(f"{c}/")] for t in texts[f"{c:05d}"])
+    protos = torch.load(os.path.join(out, "prototypes.pt"), weights_only=False)
+    assert protos[0]["prototypes"].shape == (2, 4, 8, 8) and len(protos[0]["inliers"]) == 4
+
+    # resume: class 3 lost, one caption of class 5 lost -> only those are redone, class 3 identically
+    import shutil
+    before3 = common.load_image_set(out, classes)[0][6:8]
+    mtime0 = os.path.getmtime(os.path.join(out, "00000", "00000.png"))
+    shutil.rmtree(os.path.join(out, "00003"))
+    dropped = next(k for k in sorted(caps) if k.startswith("5/"))
+    kept = [ln for ln in lines if dropped not in ln]
+    open(os.path.join(out, "captions.jsonl"), "w").write("\n".join(kept) + "\n")
+    capsys.readouterr()
+    vlcp.main(_argv(out, tiny_sd, tiny_llava))
+    printed = capsys.readouterr().out
+    assert "captioning 1 with" in printed and "finetune: using" in printed and "class 3:" in printed
+    assert "class 0:" not in printed
+    new_lines = open(os.path.join(out, "captions.jsonl")).read().splitlines()
+    assert new_lines[:39] == kept and dropped in new_lines[39]
+    assert os.path.getmtime(os.path.join(out, "00000", "00000.png")) == mtime0
+    assert torch.equal(common.load_image_set(out, classes)[0][6:8], before3)
+    assert json.load(open(os.path.join(out, "run.json")))["status"] == "done"
+
+
+def test_bad_input_stops_before_touching_output(tmp_path):
+    out = tmp_path / "bad"
+    proc = run_script("vlcp.py", "--ipc", "5", "--max-per-class", "4", "--out", out, check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --ipc 5") and not out.exists()
+    bad = tmp_path / "captions.jsonl"
+    bad.write_text('{"0/00001.png": "x"}\n{oops\n{"0/00002.png": "y"}\n')
+    with pytest.raises(common.UserError, match="line 2 is not JSON"):
+        vlcp.main(["--ipc", "2", "--out", str(out), "--captions", str(bad)])
+    assert not out.exists()
