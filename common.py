@@ -1375,6 +1375,10 @@ def train_student(student, cfg, val_loader, device, train_set=None, teacher=None
             log(f"epoch {epoch:4d}  loss {float(total) / max(steps, 1):.4f}  lr {opt.param_groups[0]['lr']:.2e}  top1 {acc:.2f}")
         barrier()
     seconds = time.time() - t0
+    if d.world > 1:  # every rank returns rank 0's evaluations
+        box = [history]
+        dist.broadcast_object_list(box, src=0)
+        history = box[0]
     accs = [a for _, a in history]
     return {"best": max(accs) if accs else None, "last": accs[-1] if accs else None, "history": history,
             "seconds": seconds, "images_per_s": seen * d.world / max(seconds, 1e-9)}

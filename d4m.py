@@ -1,6 +1,6 @@
 """D4M: Dataset Distillation via Disentangled Diffusion Model.
 
-Su, Hou, Gu, Li, Chen, Hui. CVPR 2024. arXiv:2407.15138. Official code: github.com/suduo94/D4M (@da35d10).
+Duo Su, Junjie Hou, Weizhi Gao, Yingjie Tian, Bowen Tang. CVPR 2024. arXiv:2407.15138. Official code: github.com/suduo94/D4M (@da35d10).
 Spec of the official code: shared/specs/d4m_vlcp.md §1-2 (section numbers below refer to it).
 
 Pipeline (one stage each in main()):
@@ -43,6 +43,8 @@ import importlib.util
 import os
 import shutil
 from contextlib import nullcontext
+from itertools import groupby
+from operator import itemgetter
 
 import numpy as np
 import torch
@@ -172,17 +174,18 @@ def encode_latents(vae, images, seeds, mode="sample"):
     return z * vae.config.scaling_factor
 
 
-def class_latents(ds, indices, vae, args, size):
-    """Stream one class's images through the VAE in a seeded shuffled order (the official loader shuffles)."""
+def encoded_classes(ds, class_indices, vae, args):
+    """Yield (class, latent batch) class after class: one loader over this rank's classes (its workers live
+    across classes), each class in a seeded shuffled order (the official loader shuffles), batches never
+    mixing classes, so the latents stream class by class and never sit in memory all at once."""
     from torchvision.transforms import v2 as T
-    ds.transform = T.Compose([common.to_tensor(), T.Resize((size, size), antialias=True)])  # squash, no crop (§1.2)
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, indices), batch_size=args.encode_batch_size,
-                                         num_workers=args.workers)
-    start = 0
-    for x, _ in loader:
-        seeds = [image_seed(args.seed, 1, i) for i in indices[start:start + len(x)]]
-        start += len(x)
-        yield encode_latents(vae, x, seeds, args.latent).flatten(1).cpu()
+    ds.transform = T.Compose([common.to_tensor(), T.Resize((args.size, args.size), antialias=True)])  # squash, no crop (§1.2)
+    batches = [(c, idx[s:s + args.encode_batch_size].tolist()) for c, idx in class_indices
+               for s in range(0, len(idx), args.encode_batch_size)]
+    workers = 0 if args.dataset == "digits" else args.workers  # digits lives in memory: workers only cost
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=[b for _, b in batches], num_workers=workers)
+    for (c, batch), (x, _) in zip(batches, loader):
+        yield c, encode_latents(vae, x, [image_seed(args.seed, 1, i) for i in batch], args.latent).flatten(1).cpu()
 
 
 def kmeans_prototypes(latent_batches, n_prototypes, km_expand, mode, seed):
@@ -281,22 +284,23 @@ def main(argv=None):
     print(f"d4m {args.dataset}: {len(classes)} classes ({len(mine)} on rank {d.rank}), model {args.model}, "
           f"{run.record['scheduler']}, {args.steps} steps x strength {args.strength}, guidance {args.guidance_scale}")
 
-    # --- stage 1-2: VAE latents (Sec. 3.1, §1.2) and k-means prototypes per class (Sec. 3.2, §2.2) ---
+    # --- stage 1-2: VAE latents (§1.2) and k-means prototypes per class (§2.2), streamed class by class ---
     merged = os.path.join(args.out, "prototypes.pt")
     partial = os.path.join(args.out, ".prototypes")
     if not os.path.isfile(merged):
         os.makedirs(partial, exist_ok=True)
         todo = [c for c in mine if not os.path.isfile(os.path.join(partial, f"{c:05d}.pt"))]
+        order = {c: (targets == c).nonzero().flatten() for c in todo}
+        order = {c: idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(image_seed(args.seed, 0, c)))]
+                 for c, idx in order.items()}
+        shape = run.record["latent_shape"]
         with run.stage("latents_prototypes", items=int(sum(counts[c] for c in todo))) if todo else nullcontext():
-            for c in tqdm(todo, desc="prototypes", disable=not d.main):
-                idx = (targets == c).nonzero().flatten()
-                idx = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(image_seed(args.seed, 0, c)))]
-                batches = class_latents(train, idx.tolist(), pipe.vae, args, args.size)
-                centres, latents = kmeans_prototypes(batches, args.prototypes, args.km_expand, args.kmeans, args.seed)
-                shape = run.record["latent_shape"]
+            stream = encoded_classes(train, order.items(), pipe.vae, args)
+            for c, group in tqdm(groupby(stream, key=itemgetter(0)), total=len(todo), desc="prototypes", disable=not d.main):
+                centres, latents = kmeans_prototypes((z for _, z in group), args.prototypes, args.km_expand, args.kmeans, args.seed)
                 if args.save_latents:
                     os.makedirs(args.save_latents, exist_ok=True)
-                    common.atomic_torch_save({"latents": latents.view(-1, *shape), "index": idx},
+                    common.atomic_torch_save({"latents": latents.view(-1, *shape), "index": order[c]},
                                              os.path.join(args.save_latents, f"{c:05d}.pt"))
                 common.atomic_torch_save(centres.view(-1, *shape), os.path.join(partial, f"{c:05d}.pt"))
                 print(f"class {c:5d} {prompts[c]!r}: {len(latents)} latents -> {len(centres)} prototypes")
@@ -311,7 +315,7 @@ def main(argv=None):
         raise common.UserError(f"{merged} was made for a different class list; pass --overwrite to remake it")
     prototypes = saved["prototypes"]
 
-    # --- stage 3: img2img synthesis from the prototypes with the class-name prompt (Sec. 3.3, §2.3) ---
+    # --- stage 3: img2img synthesis from the prototypes with the class-name prompt (§1.3, §1.4, §2.3) ---
     jobs = [(c, i) for c in mine if not run.class_complete(c, args.ipc) for i in range(args.ipc)]
     pending = {}
     with run.stage("synthesis", items=len(jobs)) if jobs else nullcontext():
@@ -327,7 +331,7 @@ def main(argv=None):
     del pipe
     common.barrier()
 
-    # --- stage 4: training-time matching, FKD soft labels stored per epoch (Sec. 3.4, §2.4) ---
+    # --- stage 4: training-time matching (TTM), FKD soft labels stored per epoch (§2.4) ---
     if args.ttm_epochs:
         images, _ = common.load_image_set(args.out, classes)
         teacher = common.load_teacher(args.teacher, args.dataset, args.teacher_path, args.data_path, device=d.device)
@@ -346,7 +350,7 @@ def main(argv=None):
                              "epochs": args.ttm_epochs, "batch_size": args.ttm_batch_size}
         common.barrier()
 
-    # --- stage 5: evaluation of the distilled set (Sec. 4, §2.5) ---
+    # --- stage 5: evaluation of the distilled set with validate_fkd.py (§2.5) ---
     summary = {}
     if args.eval:
         result = run_validation(args)

@@ -79,8 +79,8 @@ PRESETS = {
     "cifar10": dict(teacher="resnet18_modified"),     # not published: RDED's CIFAR ResNet-18 (§1.4)
     "cifar100": dict(teacher="resnet18_modified"),    # not published: RDED's CIFAR ResNet-18
     # not published: our choice so that `python delt.py` (IPC 10) recovers in ~1-2 min on 2 cores
-    # and evaluates itself; 10 rounds of 30 iterations keep the EarlyLate structure (1 image/round)
-    "digits": dict(teacher="conv3", iterations=300, round_itr=30, lr=0.1, r_bn=0.01, eval=True),
+    # and evaluates itself; 10 rounds of 10 iterations keep the EarlyLate structure (1 image/round)
+    "digits": dict(teacher="conv3", iterations=100, round_itr=10, lr=0.1, r_bn=0.01, eval=True),
 }
 
 
@@ -322,6 +322,27 @@ def within_class_similarity(teacher, x):
     return float((sim.sum() - sim.diagonal().sum()) / (len(x) * (len(x) - 1)))
 
 
+def load_stats(out, identity):
+    """Per-batch and per-class records of every rank's delt_stats_rank*.jsonl that belong to this run
+    (first line: the run identity); a line cut by an interruption is skipped."""
+    stats = {"batch": {}, "class": {}}
+    for name in sorted(os.listdir(out)):
+        if not (name.startswith("delt_stats_rank") and name.endswith(".jsonl")):
+            continue
+        with open(os.path.join(out, name)) as f:
+            lines = f.read().splitlines()
+        for i, line in enumerate(lines):
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if i == 0 and entry.get("identity") != identity:
+                break
+            if i > 0:
+                stats[entry["kind"]][entry["id"]] = entry
+    return stats
+
+
 def mean_of(values):
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
@@ -365,10 +386,24 @@ def main(argv=None):
         teacher = teacher.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
     run = common.RunDir(args.out, args, classes, rank=d.rank, overwrite=args.overwrite,
-                        extra_artefacts=("ranking.csv", "delt_stats", "eval_rded.json"),
+                        extra_artefacts=("ranking.csv", "eval_rded.json",
+                                         *(f"delt_stats_rank{r}.jsonl" for r in range(1024))),
                         ignore=("eval_student", "eval_epochs", "eval_repeats"))
-    stats_dir = os.path.join(args.out, "delt_stats")
-    os.makedirs(stats_dir, exist_ok=True)
+    # per-rank JSON lines (a folder would read as a class to ImageFolder): header = run identity
+    stats_path = os.path.join(args.out, f"delt_stats_rank{d.rank}.jsonl")
+    identity = json.loads(json.dumps(run.identity))
+    try:
+        with open(stats_path) as f:
+            ours = json.loads(f.readline()).get("identity") == identity
+    except (OSError, ValueError):
+        ours = False
+    stats_file = open(stats_path, "a" if ours else "w")
+    if not ours:
+        stats_file.write(json.dumps({"identity": identity}) + "\n")
+
+    def log_stats(kind, key, entry):
+        stats_file.write(json.dumps({"kind": kind, "id": key, **entry}, separators=(",", ":")) + "\n")
+        stats_file.flush()
     batches, chains = plan_batches(len(classes), args.ipc, args.batch_size)
     mine = [b for chain in common.shard(chains, d.rank, d.world) for b in chain]
     my_classes = sorted({c for b in mine for c, _ in batches[b]})
@@ -432,7 +467,7 @@ def main(argv=None):
             rec.update(batch=b, classes=sorted(set(y.tolist())), images=len(batch), seconds=round(seconds, 3),
                        ms_per_iteration=round(1000 * loop_s / rec["iterations"], 3),
                        ce_before=before[0], bn_before=before[1], ce_after=after[0], bn_after=after[1])
-            common.atomic_write_json(os.path.join(stats_dir, f"batch_{b:05d}.json"), rec)
+            log_stats("batch", b, rec)
             print(f"batch {n + 1}/{len(todo)} classes {rec['classes'][0]}-{rec['classes'][-1]} T {rec['iterations']} "
                   f"image-its {rec['image_iterations']} bn {before[1]:.3f}->{after[1]:.3f} ce {before[0]:.3f}->"
                   f"{after[0]:.3f} {seconds:.1f}s ({rec['ms_per_iteration']:.1f} ms/it)", flush=True)
@@ -443,21 +478,22 @@ def main(argv=None):
                 xf = torch.stack([finals[c][j] for j in range(args.ipc)])
                 xi = torch.stack([inits[c][j] for j in range(args.ipc)])
                 pix_f, pix_i = common.denormalize(xf, mean, std), common.denormalize(xi, mean, std)
-                common.atomic_write_json(os.path.join(stats_dir, f"class_{c:05d}.json"), {
-                    "class": c, "diversity_initial": within_class_similarity(teacher, xi.to(d.device)),
+                log_stats("class", c, {
+                    "diversity_initial": within_class_similarity(teacher, xi.to(d.device)),
                     "diversity_final": within_class_similarity(teacher, xf.to(d.device)),
                     "rms_change_by_rank": (pix_f - pix_i.clamp(0, 1)).pow(2).mean((1, 2, 3)).sqrt().tolist()})
                 run.write_class(c, pix_f.clamp(0, 1))
                 del finals[c], inits[c]
     hook.remove()
+    stats_file.close()
 
     # --- stage 3: the record (rank 0 gathers every rank's per-batch and per-class stats) ---
     common.barrier()
     summary = {}
     if d.main:
-        read = lambda name: json.load(open(os.path.join(stats_dir, name)))  # noqa: E731
-        bstats = [read(f"batch_{b:05d}.json") for b in range(len(batches))]
-        cstats = [read(f"class_{c:05d}.json") for c in range(len(classes))]
+        stats = load_stats(args.out, identity)
+        bstats = [stats["batch"][b] for b in range(len(batches))]
+        cstats = [stats["class"][c] for c in range(len(classes))]
         div_i = mean_of(s["diversity_initial"] for s in cstats)
         div_f = mean_of(s["diversity_final"] for s in cstats)
         change = [mean_of(s["rms_change_by_rank"][k] for s in cstats) for k in range(args.ipc)]

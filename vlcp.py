@@ -36,6 +36,8 @@ Deliberate deviations from the official code (d4m_vlcp.md §4):
   vendored): same loss, optimiser, EMA, truncation and transforms; no gradient checkpointing on CPU.
 - Every class is processed on its own (official: all latents in RAM); classes are keyed by index;
   a missing caption stops with its file name (official: crash inside nltk); output size is a flag.
+- Long prompts: the longer of caption / negative prompt is chosen by token count, not word count
+  (official crashes when the wordier text has fewer tokens, e.g. a 4-word caption); same result otherwise.
 - Class names come from common.class_list (fixes the CIFAR-100 order bug, VLCP issue #6).
 """
 import argparse
@@ -133,6 +135,7 @@ def parse_args(argv=None):
     g.add_argument("--eval-protocol", default=None, choices=("hard", "rded"), help="hard = Minimax (Sec. 3.6), rded (Sec. 3.7)")
     g.add_argument("--eval-repeats", type=int, default=None, help="override validate_fkd's repeats")
     g.add_argument("--eval-epochs", type=int, default=None, help="override validate_fkd's epochs")
+    g.add_argument("--eval-teacher-path", default=None, help="rded: teacher checkpoint (CIFAR/Tiny: RDED's)")
     return common.apply_presets(p.parse_args(argv), PRESETS, DEFAULTS)
 
 
@@ -412,20 +415,15 @@ def text_prototypes(captions, labels, n_clusters, class_name, threshold, tpk, ma
 # --- stage 5 helper: long-prompt embeddings ----------------------------------------------------------
 @torch.no_grad()
 def long_prompt_embeds(pipe, prompt, negative, pad_to_77k=False):
-    """get_pipeline_embeds (gen_syn_image.py L70-103): tokenise the longer text (by word count) without
-    truncation to n tokens, pad the other to n, encode 77-token chunks and concatenate: [1, n, dim] each."""
+    """get_pipeline_embeds (gen_syn_image.py L70-103): tokenise without truncation, pad the shorter
+    text to the longer one's n tokens, encode 77-token chunks and concatenate: [1, n, dim] each.
+    (Official picks the longer text by word count and crashes when it has fewer tokens: we use tokens.)"""
     tok, enc, chunk = pipe.tokenizer, pipe.text_encoder, pipe.tokenizer.model_max_length
-    first, second = (prompt, negative) if len(prompt.split(" ")) >= len(negative.split(" ")) else (negative, prompt)
-    ids_first = tok(first, truncation=False, return_tensors="pt").input_ids
-    n = ids_first.shape[-1]
-    if pad_to_77k:
-        n = math.ceil(n / chunk) * chunk
-        ids_first = tok(first, truncation=False, padding="max_length", max_length=n, return_tensors="pt").input_ids
-    ids_second = tok(second, truncation=False, padding="max_length", max_length=n, return_tensors="pt").input_ids
-    ids_p, ids_n = (ids_first, ids_second) if first is prompt else (ids_second, ids_first)
-    dev = enc.device
-    emb = lambda ids: torch.cat([enc(ids[:, i:i + chunk].to(dev))[0] for i in range(0, n, chunk)], 1)  # noqa: E731
-    return emb(ids_p), emb(ids_n)
+    n = max(len(tok(t, truncation=False).input_ids) for t in (prompt, negative))
+    n = math.ceil(n / chunk) * chunk if pad_to_77k else n
+    ids = [tok(t, truncation=False, padding="max_length", max_length=n, return_tensors="pt").input_ids.to(enc.device)
+           for t in (prompt, negative)]
+    return tuple(torch.cat([enc(x[:, i:i + chunk])[0] for i in range(0, n, chunk)], 1) for x in ids)
 
 
 def image_seed(seed, c, k):
@@ -442,6 +440,8 @@ def main(argv=None):
         raise common.UserError("--out is required: the folder of the distilled set")
     if args.ipc < 1 or (args.max_per_class is not None and args.max_per_class < args.ipc):
         raise common.UserError(f"--ipc {args.ipc} must be >= 1 and <= --max-per-class {args.max_per_class}")
+    if args.eval and not os.path.isfile(os.path.join(common.ROOT, "validate_fkd.py")):
+        raise common.UserError("validate_fkd.py is missing next to vlcp.py; --eval needs it")
     d = common.dist_setup(args.device)
     common.seed_everything(args.seed)
     train = common.real_dataset(args.dataset, args.data_path, "train")
@@ -465,7 +465,8 @@ def main(argv=None):
                                f"retrain it or choose another --finetuned")
     run = common.RunDir(args.out, args, classes, rank=d.rank, overwrite=args.overwrite,
                         extra_artefacts=("captions.jsonl", "text_prototypes.json", "prototypes.pt", ".vlcp"),
-                        ignore=("caption_batch_size", "encode_batch_size", "synth_batch_size", "checkpointing_steps"))
+                        ignore=("caption_batch_size", "encode_batch_size", "synth_batch_size", "checkpointing_steps",
+                                "eval_teacher_path"))
     todo = [c for c in shard_of(range(len(classes)), d) if not run.class_complete(c, args.ipc)]
     proto_dir = os.path.join(args.out, ".vlcp")
     os.makedirs(proto_dir, exist_ok=True)
@@ -508,7 +509,7 @@ def main(argv=None):
     if todo:
         from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
         dtype = torch.float16 if str(d.device).startswith("cuda") else torch.float32  # official: fp16
-        pipe = common.hub_from_pretrained(StableDiffusionImg2ImgPipeline, sd_path, "--model", torch_dtype=dtype,
+        pipe = common.hub_from_pretrained(StableDiffusionImg2ImgPipeline, sd_path, "--model", dtype=dtype,
                                           safety_checker=None, requires_safety_checker=False).to(d.device)
         pipe.set_progress_bar_config(disable=True)
         if args.scheduler == "ddim":
@@ -587,13 +588,12 @@ def main(argv=None):
 
     # --- stage 6: evaluation (Sec. 3.6 Minimax = hard labels, Sec. 3.7 RDED) ---
     result = None
-    if args.eval and d.main:
-        if not os.path.isfile(os.path.join(common.ROOT, "validate_fkd.py")):
-            raise common.UserError("validate_fkd.py is missing next to vlcp.py; --eval needs it")
+    if args.eval:  # every rank: validate_fkd trains with DDP under torchrun
         import validate_fkd
         extra = ["--data-path", args.data_path] if args.data_path else []
         extra += ["--repeats", str(args.eval_repeats)] if args.eval_repeats else []
         extra += ["--epochs", str(args.eval_epochs)] if args.eval_epochs else []
+        extra += ["--teacher-path", args.eval_teacher_path] if args.eval_teacher_path else []
         result = validate_fkd.main(["--syn-data-path", args.out, "--dataset", args.dataset, "--protocol",
                                     args.eval_protocol, "--ipc", str(args.ipc), "--seed", str(args.seed),
                                     "--device", str(args.device), *extra])

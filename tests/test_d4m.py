@@ -152,27 +152,34 @@ def test_prompts_in_class_order(d4m_run, tmp_path, monkeypatch):
     assert d4m.class_prompts([{"name": "tench, Tinca tinca"}], "a photo of {name}") == ["a photo of tench, Tinca tinca"]
 
 
-def test_resume_redoes_only_missing_work(d4m_run, tmp_path):
+def test_resume_redoes_only_missing_work(d4m_run, tmp_path, capsys):
+    import d4m
     out = str(tmp_path / "set")
     shutil.copytree(d4m_run["out"], out)
-    before = {c: open(os.path.join(out, f"{c:05d}", "00001.png"), "rb").read() for c in (3, 4)}
+    before = open(os.path.join(out, "00004", "00001.png"), "rb").read()
     mtime = os.path.getmtime(os.path.join(out, "00003", "00001.png"))
     shutil.rmtree(os.path.join(out, "00004"))
     os.remove(os.path.join(out, "fkd", "epoch_0001.pt"))
-    proc = run_script("d4m.py", "--model", d4m_run["model"], "--out", out, *ARGS)
-    assert "prototypes:" not in proc.stderr  # prototypes.pt reused
-    assert os.path.getmtime(os.path.join(out, "00003", "00001.png")) == mtime  # complete class kept
-    assert open(os.path.join(out, "00004", "00001.png"), "rb").read() == before[4]  # redone, identically
+    d4m.main(["--model", d4m_run["model"], "--out", out, *ARGS])  # the same run, without --eval
+    assert "latents ->" not in capsys.readouterr().out  # prototypes.pt reused, nothing re-encoded
+    assert os.path.getmtime(os.path.join(out, "00003", "00001.png")) == mtime  # a complete class is kept
+    assert open(os.path.join(out, "00004", "00001.png"), "rb").read() == before  # redone, identically
     assert os.path.isfile(os.path.join(out, "fkd", "epoch_0001.pt"))
-    assert json.load(open(os.path.join(out, "run.json")))["stages"]["synthesis"]["images"] == 3
+    record = json.load(open(os.path.join(out, "run.json")))
+    assert record["status"] == "done" and record["stages"]["synthesis"]["images"] == 3
+    with pytest.raises(common.UserError, match="different run"):  # another setting never mixes into this set
+        d4m.main(["--model", d4m_run["model"], "--out", out, *ARGS, "--strength", "0.5"])
 
 
-def test_offline_model_and_bad_input_stop_with_one_sentence(tmp_path):
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "no-such-org/no-such-model"], "pass the folder with --model"),  # HF_HUB_OFFLINE=1 (conftest)
+    (["--ipc", "2", "--prototypes", "3"], "--prototypes 3 exceeds --ipc 2"),
+])
+def test_bad_input_stops_with_one_sentence(argv, message, tmp_path, capsys):
+    import d4m
     out = str(tmp_path / "never")
-    proc = run_script("d4m.py", "--model", "no-such-org/no-such-model", "--out", out, *ARGS, check=False)
-    assert proc.returncode == 2
-    err = proc.stderr.strip().splitlines()[-1]
-    assert err.startswith("error:") and "--model" in err and "no-such-org/no-such-model" in err
-    assert not os.path.exists(out)
-    proc = run_script("d4m.py", "--out", out, "--ipc", "2", "--prototypes", "3", check=False)
-    assert proc.returncode == 2 and "--prototypes 3 exceeds --ipc 2" in proc.stderr
+    with pytest.raises(SystemExit) as e:
+        common.run_cli(lambda: d4m.main(["--out", out, "--size", "64", *argv]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].startswith("error:") and message in err[-1]
+    assert not os.path.exists(out)  # nothing written before the error

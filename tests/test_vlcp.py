@@ -126,6 +126,9 @@ def test_long_prompt_is_encoded_in_77_token_chunks(tiny_sd):
     # an empty text prototype takes the negative prompt's length
     neg_n = tok("cartoon, anime, painting", return_tensors="pt").input_ids.shape[1]
     assert vlcp.long_prompt_embeds(pipe, "", "cartoon, anime, painting")[0].shape == (1, neg_n, 32)
+    # more words but fewer tokens than the negative prompt (the official word-count rule crashes here)
+    pe, ne = vlcp.long_prompt_embeds(pipe, "a b c d", "cartoon, anime, painting")
+    assert pe.shape == ne.shape == (1, neg_n, 32)
 
 
 # --- stage 2: fine-tuning ---------------------------------------------------------------------------
