@@ -1310,7 +1310,7 @@ def train_student(student, cfg, val_loader, device, train_set=None, teacher=None
 
     train_set: a dataset of (normalised augmented image, label, index) for the teacher/static/hard
     modes; fkd: {"images", "dir", "size", "mean", "std"} for replayed stored labels. Returns
-    {"best", "last", "history", "seconds", "images_per_s"}. Under torchrun the student is wrapped in
+    {"best", "last", "history", "seconds", "images_per_s", "data_wait_share"}. Under torchrun the student is wrapped in
     DDP and rank 0 evaluates alone (no padded duplicates in the val set)."""
     d = dist_info or Dist(device=device)
     g = torch.Generator().manual_seed(cfg.seed * 7919 + d.rank)
@@ -1331,7 +1331,7 @@ def train_student(student, cfg, val_loader, device, train_set=None, teacher=None
         loader = torch.utils.data.DataLoader(train_set, per_rank, sampler=sampler, num_workers=cfg.workers,
                                              drop_last=len(train_set) % per_rank == 1, pin_memory=cuda,
                                              persistent_workers=cfg.workers > 0)
-    history, seen, t0 = [], 0, time.time()
+    history, seen, waited, t0 = [], 0, 0.0, time.time()
     for epoch in range(cfg.epochs):
         model.train()
         if hasattr(getattr(loader, "sampler", None), "set_epoch"):
@@ -1340,7 +1340,9 @@ def train_student(student, cfg, val_loader, device, train_set=None, teacher=None
             FKDReplay(fkd["images"], fkd["dir"], epoch, fkd["size"], fkd["mean"], fkd["std"], d.rank, d.world),
             batch_size=None, shuffle=False, num_workers=cfg.workers)
         total, steps = torch.zeros((), device=device), 0
+        batches, t_wait = iter(batches), time.time()
         for batch in batches:
+            waited += time.time() - t_wait  # time blocked on the data loader
             if cfg.labels == "fkd":
                 x, target = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
             else:
@@ -1367,6 +1369,7 @@ def train_student(student, cfg, val_loader, device, train_set=None, teacher=None
             total += loss.detach()
             steps += 1
             seen += len(x)
+            t_wait = time.time()
         sched.step()
         last = epoch == cfg.epochs - 1
         if d.main and (last or (epoch % cfg.eval_every == 0 and epoch >= cfg.eval_from * cfg.epochs)):
@@ -1381,7 +1384,8 @@ def train_student(student, cfg, val_loader, device, train_set=None, teacher=None
         history = box[0]
     accs = [a for _, a in history]
     return {"best": max(accs) if accs else None, "last": accs[-1] if accs else None, "history": history,
-            "seconds": seconds, "images_per_s": seen * d.world / max(seconds, 1e-9)}
+            "seconds": seconds, "images_per_s": seen * d.world / max(seconds, 1e-9),
+            "data_wait_share": waited / max(seconds, 1e-9)}
 
 
 class IndexedDataset(torch.utils.data.Dataset):

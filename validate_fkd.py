@@ -57,7 +57,7 @@ PROTOCOLS = {
 }
 DATASET_PRESETS = {
     # not published: our choice so that a digits evaluation takes about a minute on 2 CPU cores
-    "digits": {"rded": dict(epochs=40, eval_from=0.0), "fkd": dict(eval_every=10), "static": dict(epochs=60),
+    "digits": {"rded": dict(epochs=40, eval_from=0.0), "fkd": dict(epochs=40, eval_every=10), "static": dict(epochs=60),
                "hard": dict(epochs=150), "all": dict(flip=False, student="conv3", teacher="conv3")},
     "cifar10": {"all": dict(student="resnet18_modified", teacher="resnet18_modified")},
     "cifar100": {"all": dict(student="resnet18_modified", teacher="resnet18_modified")},
@@ -91,7 +91,9 @@ def minimax_epochs(ipc, num_classes):
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what to evaluate")
-    g.add_argument("--syn-data-path", required=True, help="the distilled set: an ImageFolder-layout folder")
+    g.add_argument("--syn-data-path", default=None, help="the distilled set: an ImageFolder-layout folder")
+    g.add_argument("--random-real", type=int, default=None, metavar="IPC",
+                   help="without a set: evaluate --repeats random real subsets of IPC images per class")
     g.add_argument("--dataset", default="digits", choices=list(common.DATASETS), help="dataset of the set")
     g.add_argument("--data-path", default=None, help="real dataset root (its val split is the test set)")
     g.add_argument("--protocol", default="rded", choices=list(PROTOCOLS), help="label protocol (see the header)")
@@ -244,31 +246,58 @@ def evaluate_set(args, name, images, targets, ipc, teacher, static_labels, fkd_d
             "last_mean": float(np.mean(last)), "last_std": float(np.std(last)), "runs": runs}, cfg
 
 
+def random_real_runs(args, ipc, teacher, cfg_epochs, val_loader, d):
+    """`--repeats` random real subsets at `ipc` (subset seeds seed+1000+r), one student each, same protocol."""
+    info = common.dataset_info(args.dataset)
+    real = common.real_dataset(args.dataset, args.data_path, "train",
+                               common.eval_transform(args.dataset, args.size, normalize=False))
+    teacher = teacher or (load_teachers(args, d.device) if args.label_mode == "fkd" else None)
+    runs = []
+    for r in range(args.repeats):
+        idx = common.random_subset(real.targets, ipc, args.seed + 1000 + r, info.num_classes)
+        x, y = common.stack_images(real, idx, workers=args.workers)
+        x = (x * 255).round().to(torch.uint8)
+        labels = ensemble_logits(teacher, x, args, d.device) if args.label_mode == "static" else None
+        with tempfile.TemporaryDirectory() as tmp:
+            fkd_dir = os.path.join(tmp, "fkd")
+            if args.label_mode == "fkd":  # the same relabelling recipe as the set's stored labels
+                if d.main:
+                    bs = args.relabel_batch_size or min(rded_batch_size(ipc, info.num_classes, args.dataset, args.student), len(y))
+                    common.fkd_generate(x, teacher, fkd_dir, cfg_epochs or args.relabel_epochs or args.epochs, bs, args.size,
+                                        args.mean, args.std, args.mix or "cutmix", args.alpha or 1.0, 0.08, bool(args.flip),
+                                        args.seed, d.device)
+                common.barrier()
+            one = copy.copy(args)
+            one.repeats, one.seed = 1, args.seed + r
+            res, _ = evaluate_set(one, f"random real {r + 1}/{args.repeats}", x, y, ipc, teacher, labels, fkd_dir, val_loader, d)
+        runs += res["runs"]
+    best, last = [r["best"] for r in runs], [r["last"] for r in runs]
+    return {"kind": "random real subsets", "ipc": ipc, "subset_seeds": [args.seed + 1000 + r for r in range(args.repeats)],
+            "best_mean": float(np.mean(best)), "best_std": float(np.std(best)),
+            "last_mean": float(np.mean(last)), "last_std": float(np.std(last)), "runs": runs}
+
+
 def main(argv=None):
     args = resolve(build_parser().parse_args(argv))
+    if not args.syn_data_path and not args.random_real:
+        raise common.UserError("give --syn-data-path (a set to evaluate) or --random-real IPC (random real subsets only)")
     d = common.dist_setup(args.device)
     info = common.dataset_info(args.dataset)
     classes = common.class_list(args.dataset, args.data_path)
-    folder = args.syn_data_path.rstrip("/")
-    fkd_dir = os.path.join(folder, "fkd")
+    folder = args.syn_data_path.rstrip("/") if args.syn_data_path else None
+    fkd_dir = os.path.join(folder, "fkd") if folder else None
 
     # --- the distilled set (checked against the dataset's class list) ---
-    if args.label_mode == "fkd":
-        if args.ipc is not None:
-            raise common.UserError("stored FKD labels index the whole set: --ipc cannot select a subset with --protocol fkd")
-        if not args.relabel_epochs:
-            common.fkd_meta(fkd_dir)  # refuse early when there are no stored labels
-    images, targets, rows = common.load_image_set(folder, classes, args.ipc, args.size, return_rows=True)
-    if args.label_mode == "fkd" and args.relabel_epochs:  # SRe2L relabel: store the labels first
-        if d.main:
-            bs = args.relabel_batch_size or min(rded_batch_size(int(targets.bincount().min()), info.num_classes,
-                                                                args.dataset, args.student), len(targets))
-            common.fkd_generate(images, load_teachers(args, d.device), fkd_dir, args.relabel_epochs, bs, args.size,
-                                args.mean, args.std, args.mix or "cutmix", args.alpha or 1.0, 0.08, bool(args.flip),
-                                args.seed, d.device)
-        common.barrier()
-    counts = torch.bincount(targets, minlength=info.num_classes)
-    ipc = args.ipc or int(counts.min())
+    if folder:
+        if args.label_mode == "fkd":
+            if args.ipc is not None:
+                raise common.UserError("stored FKD labels index the whole set: --ipc cannot select a subset with --protocol fkd")
+            if not args.relabel_epochs:
+                common.fkd_meta(fkd_dir)  # refuse early when there are no stored labels
+        images, targets, rows = common.load_image_set(folder, classes, args.ipc, args.size, return_rows=True)
+        ipc = args.ipc or int(torch.bincount(targets, minlength=info.num_classes).min())
+    else:
+        ipc = args.random_real
 
     # --- the test set: the real validation split ---
     val = common.real_dataset(args.dataset, args.data_path, "val",
@@ -277,73 +306,64 @@ def main(argv=None):
 
     # --- labels: teachers (online, static) or stored ---
     teacher = load_teachers(args, d.device) if args.label_mode in ("teacher", "static") else None
-    static_labels = None
-    if args.label_mode == "static":
-        path = os.path.join(folder, "soft_labels.pt")
-        if os.path.isfile(path):
-            stored = torch.load(path, map_location="cpu", weights_only=True)
-            stored = stored["logits"] if isinstance(stored, dict) else stored
-            if len(stored) != int(rows.max()) + 1 and len(stored) < len(rows):
-                raise common.UserError(f"{path} has {len(stored)} rows but the set holds more images: it belongs to another set")
-            static_labels = stored[rows].float()
-        else:
-            print(f"note: {folder} has no soft_labels.pt; computing static labels from the teacher(s) once")
-            static_labels = ensemble_logits(teacher, images, args, d.device)
-
-    # --- students on the distilled set ---
-    result, cfg = evaluate_set(args, "distilled", images, targets, ipc, teacher, static_labels, fkd_dir, val_loader, d)
     record = {"protocol": args.protocol, "label_mode": args.label_mode, "dataset": args.dataset,
-              "syn_data_path": os.path.abspath(folder), "student": args.student,
-              "teacher": args.teacher if teacher is not None or args.label_mode == "fkd" else None,
-              "teacher_path": args.teacher_path, "repeats": args.repeats,
-              "std": "population standard deviation (numpy ddof=0) over repeats",
+              "syn_data_path": os.path.abspath(folder) if folder else None, "student": args.student,
+              "teacher": None if args.label_mode == "hard" else args.teacher, "teacher_path": args.teacher_path,
+              "repeats": args.repeats, "std": "population standard deviation (numpy ddof=0) over repeats",
               "reported": "best = max over evaluations (every eval_every epochs and the last); last = final epoch",
-              "recipe": {**{k: v for k, v in vars(cfg).items()}, "crop": args.crop, "min_scale": args.min_scale,
-                         "factor": args.factor, "flip": bool(args.flip), "rand_augment": args.rand_augment,
-                         "color_jitter": args.color_jitter, "lighting": args.lighting, "size": args.size,
-                         "norm": args.norm},
               "argv": sys.argv if argv is None else argv, "versions": common.package_versions(),
-              "device": common.device_name(d.device), **result}
+              "device": common.device_name(d.device)}
+    cfg = recipe_for(args, ipc, ipc * info.num_classes)
+    if folder:
+        if args.label_mode == "fkd" and args.relabel_epochs:  # SRe2L relabel: store the labels first
+            if d.main:
+                bs = args.relabel_batch_size or min(rded_batch_size(ipc, info.num_classes, args.dataset, args.student), len(targets))
+                common.fkd_generate(images, load_teachers(args, d.device), fkd_dir, args.relabel_epochs, bs, args.size,
+                                    args.mean, args.std, args.mix or "cutmix", args.alpha or 1.0, 0.08, bool(args.flip),
+                                    args.seed, d.device)
+            common.barrier()
+        static_labels = None
+        if args.label_mode == "static":
+            path = os.path.join(folder, "soft_labels.pt")
+            if os.path.isfile(path):
+                stored = torch.load(path, map_location="cpu", weights_only=True)
+                stored = stored["logits"] if isinstance(stored, dict) else stored
+                if len(stored) <= int(rows.max()):
+                    raise common.UserError(f"{path} has {len(stored)} rows but the set holds more images: it belongs to another set")
+                static_labels = stored[rows].float()
+            else:
+                print(f"note: {folder} has no soft_labels.pt; computing static labels from the teacher(s) once")
+                static_labels = ensemble_logits(teacher, images, args, d.device)
+        # --- students on the distilled set ---
+        result, cfg = evaluate_set(args, "distilled", images, targets, ipc, teacher, static_labels, fkd_dir, val_loader, d)
+        record.update(result)
 
     # --- random real subsets at the same IPC, same protocol ---
-    if args.baseline == "random":
-        bipc = args.baseline_ipc or ipc
-        real = common.real_dataset(args.dataset, args.data_path, "train",
-                                   common.eval_transform(args.dataset, args.size, normalize=False))
-        runs = []
-        base_teacher = teacher or (load_teachers(args, d.device) if args.label_mode == "fkd" else None)
-        for r in range(args.repeats):
-            idx = common.random_subset(real.targets, bipc, args.seed + 1000 + r, info.num_classes)
-            x, y = common.stack_images(real, idx, workers=args.workers)
-            x = (x * 255).round().to(torch.uint8)
-            labels = ensemble_logits(teacher, x, args, d.device) if args.label_mode == "static" else None
-            with tempfile.TemporaryDirectory() as tmp:
-                bfkd = os.path.join(tmp, "fkd")
-                if args.label_mode == "fkd":
-                    meta = common.fkd_meta(fkd_dir)
-                    if d.main:
-                        common.fkd_generate(x, base_teacher, bfkd, cfg.epochs, min(meta["batch_size"], len(y)), meta["size"],
-                                            meta["mean"], meta["std"], meta["mix"], meta["alpha"], meta["min_scale"],
-                                            meta["flip"], meta["seed"], d.device)
-                    common.barrier()
-                one = copy.copy(args)
-                one.repeats, one.seed = 1, args.seed + r
-                res, _ = evaluate_set(one, f"random real {r + 1}/{args.repeats}", x, y, bipc, teacher, labels, bfkd, val_loader, d)
-            runs += res["runs"]
-        best, last = [r["best"] for r in runs], [r["last"] for r in runs]
-        record["baseline"] = {"kind": "random real subsets", "ipc": bipc, "subset_seeds": [args.seed + 1000 + r for r in range(args.repeats)],
-                              "best_mean": float(np.mean(best)), "best_std": float(np.std(best)),
-                              "last_mean": float(np.mean(last)), "last_std": float(np.std(last)), "runs": runs}
-        record["improvement_over_random"] = record["best_mean"] - record["baseline"]["best_mean"]
+    if args.baseline == "random" or not folder:
+        base = random_real_runs(args, args.random_real or args.baseline_ipc or ipc, teacher,
+                                common.fkd_meta(fkd_dir)["epochs"] if folder and args.label_mode == "fkd" else cfg.epochs,
+                                val_loader, d)
+        if folder:
+            record["baseline"] = base
+            record["improvement_over_random"] = record["best_mean"] - base["best_mean"]
+        else:
+            record.update(base)
+    record["recipe"] = {**vars(cfg), "crop": args.crop, "min_scale": args.min_scale, "factor": args.factor,
+                        "flip": bool(args.flip), "rand_augment": args.rand_augment, "color_jitter": args.color_jitter,
+                        "lighting": args.lighting, "size": args.size, "norm": args.norm}
 
     # --- the record and one summary line ---
     if d.main:
         suffix = "" if args.label_mode == PROTOCOL_LABELS[args.protocol] else f"_{args.label_mode}"
-        out = args.out or os.path.join(folder, f"eval_{args.protocol}{suffix}.json")
+        name = f"eval_{args.protocol}{suffix}.json"
+        out = args.out or (os.path.join(folder, name) if folder else
+                           os.path.join("runs", f"random_{args.dataset}_ipc{ipc}_{name}"))
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         common.atomic_write_json(out, record)
+        what = "distilled" if folder else "random real"
         line = (f"result: {args.dataset} protocol {args.protocol} ({args.label_mode} labels) student {args.student} "
-                f"ipc {ipc}: best {record['best_mean']:.2f} ± {record['best_std']:.2f}, last {record['last_mean']:.2f} ± "
-                f"{record['last_std']:.2f} over {args.repeats} run(s)")
+                f"ipc {ipc} {what}: best {record['best_mean']:.2f} ± {record['best_std']:.2f}, last "
+                f"{record['last_mean']:.2f} ± {record['last_std']:.2f} over {args.repeats} run(s)")
         if "baseline" in record:
             b = record["baseline"]
             line += (f"; random real: best {b['best_mean']:.2f} ± {b['best_std']:.2f}, last {b['last_mean']:.2f} ± "
