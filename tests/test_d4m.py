@@ -183,3 +183,14 @@ def test_bad_input_stops_with_one_sentence(argv, message, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and err[-1].startswith("error:") and message in err[-1]
     assert not os.path.exists(out)  # nothing written before the error
+
+
+def test_generator_loading(tiny_sd):
+    """Stock pipeline from the folder, safety checker off, --scheduler swaps the sampler on the same config."""
+    import argparse
+    from diffusers import DDIMScheduler, PNDMScheduler
+    import d4m
+    pipe = d4m.load_generator(argparse.Namespace(model=tiny_sd, scheduler=None), "cpu")
+    assert isinstance(pipe.scheduler, PNDMScheduler) and pipe.safety_checker is None and pipe.unet.dtype == torch.float32
+    pipe = d4m.load_generator(argparse.Namespace(model=tiny_sd, scheduler="ddim"), "cpu")
+    assert isinstance(pipe.scheduler, DDIMScheduler) and pipe.scheduler.config.beta_schedule == "scaled_linear"
