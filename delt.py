@@ -13,8 +13,9 @@ optimised to the end, so early images are fully optimised and late ones stay clo
 `--no-early-late --init noise` gives the CDA baseline from the same file (SRe2L: add
 `--milestone 0 --jitter 32`).
 
-  python delt.py        # digits, IPC 10, conv3 teacher: ~3-4 min on 2 CPU cores; prints the top-1 of
-                        # the distilled set and of random real images at the same IPC (rded protocol)
+  python delt.py        # digits, IPC 10, conv3 teacher: ~2 CPU-minutes; prints the top-1 of the
+                        # distilled set and of random real images at the same IPC (rded protocol),
+                        # e.g. "top-1 distilled 96.30 ± 0.47 vs random real 95.46 ± 0.73" with --eval-repeats 3
   python delt.py --dataset imagenet --data-path "$IMAGENET" --ipc 50 --eval   # the official IN-1K setting
   torchrun --nproc_per_node 8 delt.py --dataset tiny --data-path "$TINY" --teacher-path tiny_rn18.pth --ipc 50
 
@@ -78,8 +79,8 @@ PRESETS = {
     "tiny": dict(teacher="resnet18_modified"),        # not published: D:scripts/select_medium_tiny_rn18_ep50_ipc50.sh ranker
     "cifar10": dict(teacher="resnet18_modified"),     # not published: RDED's CIFAR ResNet-18 (§1.4)
     "cifar100": dict(teacher="resnet18_modified"),    # not published: RDED's CIFAR ResNet-18
-    # not published: our choice so that `python delt.py` (IPC 10) recovers in ~1-2 min on 2 cores
-    # and evaluates itself; 10 rounds of 10 iterations keep the EarlyLate structure (1 image/round)
+    # not published: our choice so that `python delt.py` (IPC 10) recovers in under a CPU-minute and
+    # evaluates itself; 10 rounds of 10 iterations keep the EarlyLate structure (1 image per round)
     "digits": dict(teacher="conv3", iterations=100, round_itr=10, lr=0.1, r_bn=0.01, eval=True),
 }
 
@@ -322,6 +323,21 @@ def within_class_similarity(teacher, x):
     return float((sim.sum() - sim.diagonal().sum()) / (len(x) * (len(x) - 1)))
 
 
+def open_stats(out, rank, identity):
+    """This rank's delt_stats_rank<r>.jsonl for appending (a stats folder would read as a class to
+    ImageFolder); its first line is the run identity, and a file of another run is started afresh."""
+    path = os.path.join(out, f"delt_stats_rank{rank}.jsonl")
+    try:
+        with open(path) as f:
+            ours = json.loads(f.readline()).get("identity") == identity
+    except (OSError, ValueError):
+        ours = False
+    f = open(path, "a" if ours else "w")
+    if not ours:
+        f.write(json.dumps({"identity": identity}) + "\n")
+    return f
+
+
 def load_stats(out, identity):
     """Per-batch and per-class records of every rank's delt_stats_rank*.jsonl that belong to this run
     (first line: the run identity); a line cut by an interruption is skipped."""
@@ -341,6 +357,15 @@ def load_stats(out, identity):
             if i > 0:
                 stats[entry["kind"]][entry["id"]] = entry
     return stats
+
+
+def class_record(teacher, x_init, x_final, mean, std, device):
+    """One class's diversity before/after (§5.4) and how far each rank moved from its start (RMS
+    pixel change: EarlyLate's early ranks should move furthest)."""
+    pix_i, pix_f = common.denormalize(x_init, mean, std).clamp(0, 1), common.denormalize(x_final, mean, std).clamp(0, 1)
+    return {"diversity_initial": within_class_similarity(teacher, x_init.to(device)),
+            "diversity_final": within_class_similarity(teacher, x_final.to(device)),
+            "rms_change_by_rank": (pix_f - pix_i).pow(2).mean((1, 2, 3)).sqrt().tolist()}
 
 
 def mean_of(values):
@@ -389,21 +414,13 @@ def main(argv=None):
                         extra_artefacts=("ranking.csv", "eval_rded.json",
                                          *(f"delt_stats_rank{r}.jsonl" for r in range(1024))),
                         ignore=("eval_student", "eval_epochs", "eval_repeats"))
-    # per-rank JSON lines (a folder would read as a class to ImageFolder): header = run identity
-    stats_path = os.path.join(args.out, f"delt_stats_rank{d.rank}.jsonl")
     identity = json.loads(json.dumps(run.identity))
-    try:
-        with open(stats_path) as f:
-            ours = json.loads(f.readline()).get("identity") == identity
-    except (OSError, ValueError):
-        ours = False
-    stats_file = open(stats_path, "a" if ours else "w")
-    if not ours:
-        stats_file.write(json.dumps({"identity": identity}) + "\n")
+    stats_file = open_stats(args.out, d.rank, identity)
 
     def log_stats(kind, key, entry):
         stats_file.write(json.dumps({"kind": kind, "id": key, **entry}, separators=(",", ":")) + "\n")
         stats_file.flush()
+
     batches, chains = plan_batches(len(classes), args.ipc, args.batch_size)
     mine = [b for chain in common.shard(chains, d.rank, d.world) for b in chain]
     my_classes = sorted({c for b in mine for c, _ in batches[b]})
@@ -427,6 +444,7 @@ def main(argv=None):
                     dist.all_gather_object(gathered, rows)
                     rows = [r for part in gathered for r in part]
                 if d.main:
+                    os.makedirs(os.path.dirname(os.path.abspath(ranking)), exist_ok=True)
                     write_ranking(ranking, rows, classes)
                 common.barrier()
             scored = read_ranking(ranking, classes, targets, paths)
@@ -440,7 +458,8 @@ def main(argv=None):
 
     # --- stage 2: EarlyLate recover (§1.3), class-contiguous batches, last iterate saved ---
     hook = common.BNStatsHook(teacher, first_bn_multiplier=args.first_bn_multiplier)
-    todo = [b for b in mine if not all(run.class_complete(c, args.ipc) for c, _ in batches[b])]
+    complete = {c for c in my_classes if run.class_complete(c, args.ipc)}
+    todo = [b for b in mine if not all(c in complete for c, _ in batches[b])]
     planned = sum(sched["iterations_by_rank"][k] for b in todo for _, k in batches[b])
     finals, inits = {}, {}
     print(f"[rank {d.rank}] schedule: {sched['rounds']} round(s) of {sched['round_itr']} its, groups "
@@ -475,14 +494,12 @@ def main(argv=None):
                 finals.setdefault(c, {})[k], inits.setdefault(c, {})[k] = x[i].cpu(), x0[i]
                 if len(finals[c]) < args.ipc:
                     continue
-                xf = torch.stack([finals[c][j] for j in range(args.ipc)])
-                xi = torch.stack([inits[c][j] for j in range(args.ipc)])
-                pix_f, pix_i = common.denormalize(xf, mean, std), common.denormalize(xi, mean, std)
-                log_stats("class", c, {
-                    "diversity_initial": within_class_similarity(teacher, xi.to(d.device)),
-                    "diversity_final": within_class_similarity(teacher, xf.to(d.device)),
-                    "rms_change_by_rank": (pix_f - pix_i.clamp(0, 1)).pow(2).mean((1, 2, 3)).sqrt().tolist()})
-                run.write_class(c, pix_f.clamp(0, 1))
+                if c in complete:  # a finished class that shares a redone batch: kept as it is
+                    del finals[c], inits[c]
+                    continue
+                xi, xf = (torch.stack([imgs[c][j] for j in range(args.ipc)]) for imgs in (inits, finals))
+                log_stats("class", c, class_record(teacher, xi, xf, mean, std, d.device))
+                run.write_class(c, common.denormalize(xf, mean, std).clamp(0, 1))
                 del finals[c], inits[c]
     hook.remove()
     stats_file.close()
