@@ -395,12 +395,9 @@ def main(argv=None):
     # --- stage 6: evaluation with validate_fkd.py (§2.2 static, §2.3 dynamic) ---
     if args.eval:
         import validate_fkd
-        if (mean, std) != (info.mean, info.std):
-            log("warning: validate_fkd normalises with the collection's statistics, not --teacher-norm infer: "
-                "its online teacher labels (dynamic, random baseline) see slightly shifted inputs")
         common_flags = ["--syn-data-path", args.out, "--dataset", args.dataset, "--protocol", "static",
                         "--teacher", ",".join(archs), "--repeats", str(args.eval_repeats), "--seed", str(args.seed),
-                        "--device", args.device]
+                        "--device", args.device, "--mean", *map(str, mean), "--std", *map(str, std)]
         common_flags += ["--data-path", args.data_path] if args.data_path else []
         common_flags += ["--teacher-path", args.teacher_path] if args.teacher_path else []
         epochs = args.eval_epochs

@@ -113,6 +113,8 @@ def build_parser():
     g.add_argument("--teacher-path", default=None, help="teacher checkpoint(s), comma list matching --teacher")
     g.add_argument("--norm", default="dataset", choices=("dataset", "imagenet"),
                    help="input normalisation; RDED's released teachers expect ImageNet statistics everywhere")
+    g.add_argument("--mean", type=float, nargs=3, default=None, help="explicit normalisation mean (beats --norm)")
+    g.add_argument("--std", type=float, nargs=3, default=None, help="explicit normalisation std (beats --norm)")
     g = p.add_argument_group("recipe (each overrides the protocol preset)")
     g.add_argument("--epochs", type=int, default=None, help="training epochs")
     g.add_argument("--batch-size", type=int, default=None, help="global batch size")
@@ -165,7 +167,8 @@ def resolve(args):
     if args.gamma is None:
         args.gamma = 0.1
     args.size = common.input_size(args.dataset, args.student)
-    args.mean, args.std = ((info.mean, info.std) if args.norm == "dataset" else (common.IMAGENET_MEAN, common.IMAGENET_STD))
+    norm = (info.mean, info.std) if args.norm == "dataset" else (common.IMAGENET_MEAN, common.IMAGENET_STD)
+    args.mean, args.std = tuple(args.mean or norm[0]), tuple(args.std or norm[1])
     return args
 
 
@@ -350,7 +353,8 @@ def main(argv=None):
             record.update(base)
     record["recipe"] = {**vars(cfg), "crop": args.crop, "min_scale": args.min_scale, "factor": args.factor,
                         "flip": bool(args.flip), "rand_augment": args.rand_augment, "color_jitter": args.color_jitter,
-                        "lighting": args.lighting, "size": args.size, "norm": args.norm}
+                        "lighting": args.lighting, "size": args.size, "norm": args.norm,
+                        "mean": list(args.mean), "std": list(args.std)}
 
     # --- the record and one summary line ---
     if d.main:
