@@ -282,7 +282,7 @@ def finetune_unet(model, ds, indices, texts, out_dir, args, d, settings):
     total = min(total, args.ft_max_steps) if args.ft_max_steps else total
     ckpt_path, step = os.path.join(out_dir, "checkpoint.pt"), 0
     if os.path.isfile(ckpt_path):  # resume
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         unet.load_state_dict(ck["unet"])
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["opt"])
@@ -534,7 +534,7 @@ def main(argv=None):
     # --- stage 4: text prototypes, one caption per cluster (Sec. 3.4) ---
     with run.stage("text_prototypes"):
         for c in todo:
-            rec = torch.load(proto_file(c), weights_only=False)
+            rec = torch.load(proto_file(c), weights_only=True)
             if "text" in rec:
                 continue
             lost = [k for k in rec["inliers"] if k not in captions]
@@ -549,7 +549,7 @@ def main(argv=None):
     from tqdm import tqdm
     with run.stage("synthesis", items=len(todo) * args.ipc):
         for c in tqdm(todo, desc="synthesis", unit="class", disable=not todo):
-            rec = torch.load(proto_file(c), weights_only=False)
+            rec = torch.load(proto_file(c), weights_only=True)
             embeds = [long_prompt_embeds(pipe, t, args.negative_prompt, args.pad_to_77k) for t in rec["text"]]
             images = [None] * args.ipc
             by_len = {}
@@ -571,8 +571,8 @@ def main(argv=None):
     common.barrier()
     if d.main:  # gather the per-class records; the folder stays a plain ImageFolder root
         merged_path = os.path.join(args.out, "prototypes.pt")
-        merged = torch.load(merged_path, weights_only=False) if os.path.isfile(merged_path) else {}
-        merged.update({c: torch.load(proto_file(c), weights_only=False) for c in range(len(classes))
+        merged = torch.load(merged_path, weights_only=True) if os.path.isfile(merged_path) else {}
+        merged.update({c: torch.load(proto_file(c), weights_only=True) for c in range(len(classes))
                        if os.path.isfile(proto_file(c))})
         if len(merged) == len(classes):
             common.atomic_torch_save(merged, merged_path)
