@@ -479,7 +479,11 @@ def main(argv=None):
             print(f"captions: {len(selected) - len(missing)} of {len(selected)} images already captioned in "
                   f"{captions_path}; captioning {len(missing)} with {args.captioner}")
             part = captions_path if d.world == 1 else f"{captions_path}.rank{d.rank}"
-            caption_images(train, shard_of(missing, d), keys, names, part, args, d.device)
+            # whole caption batches go to ranks, so every batch (and its sampling seed) is the one a
+            # single process would caption: the captions do not depend on the number of processes
+            bs = args.caption_batch_size
+            batches = [missing[i:i + bs] for i in range(0, len(missing), bs)]
+            caption_images(train, [i for b in shard_of(batches, d) for i in b], keys, names, part, args, d.device)
             common.barrier()
             if d.main and d.world > 1:
                 for r in range(d.world):
