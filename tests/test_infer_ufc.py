@@ -163,3 +163,20 @@ def test_dwa_adjust_moves_a_copy_uphill_by_rho(digits_conv3):
         ce = lambda m: float(torch.nn.functional.cross_entropy(m(x), y))
         assert ce(adjusted) > ce(digits_conv3)
     assert not any(p.requires_grad for p in adjusted.parameters()) and not adjusted.training
+
+
+def test_torchrun_two_processes_write_the_same_set(infer_run, tmp_path):
+    """(set, teacher) work sharded over 2 gloo processes: the same files and compact form as one process."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    out = tmp_path / "ddp"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+                           os.path.join(ROOT, "infer_ufc.py"), *ARGS, "--out", str(out), "--device", "cpu"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, _ = infer_run
+    for c in range(10):
+        f1, x1 = read_class(os.path.join(one, f"{c:05d}"))
+        f2, x2 = read_class(os.path.join(out, f"{c:05d}"))
+        assert f1 == f2 and (x1.int() - x2.int()).abs().max() <= 1
