@@ -205,13 +205,11 @@ def _checked_loader(path):
         raise UserError(f"cannot read image {path} ({e.__class__.__name__}): remove or replace the file") from e
 
 
-def image_folder(root, transform=None, classes=None):
+def image_folder(root, transform=None):
     """torchvision ImageFolder that names a corrupt file instead of crashing a worker."""
     if not os.path.isdir(root) or not any(e.is_dir() for e in os.scandir(root)):
         raise UserError(f"{root} is missing or holds no class folders")
-    ds = torchvision.datasets.ImageFolder(root, transform=transform, loader=_checked_loader,
-                                          allow_empty=True)
-    return ds
+    return torchvision.datasets.ImageFolder(root, transform=transform, loader=_checked_loader, allow_empty=True)
 
 
 def real_dataset(dataset, data_path, split, transform=None):
@@ -1033,7 +1031,6 @@ def load_image_set(folder, classes, ipc=None, size=None, return_rows=False):
     targets, in ImageFolder order; `ipc` keeps the first ipc files (sorted) of each class. Images
     whose size differs from the first are resized to `size`. With return_rows, also the position
     of each kept image in the whole set (the row of soft_labels.pt). Bad sets stop with one sentence."""
-    from PIL import Image
     if not os.path.isdir(folder):
         raise UserError(f"the set {folder} does not exist")
     check_classes_json(folder, classes)

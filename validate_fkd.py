@@ -28,7 +28,6 @@ pass); numpy is seeded too; digits evaluation switches flips off (digits are not
 """
 import argparse
 import copy
-import json
 import os
 import sys
 import tempfile
@@ -249,6 +248,16 @@ def evaluate_set(args, name, images, targets, ipc, teacher, static_labels, fkd_d
             "last_mean": float(np.mean(last)), "last_std": float(np.std(last)), "runs": runs}, cfg
 
 
+def store_fkd_labels(args, images, ipc, teacher, fkd_dir, epochs, d):
+    """SRe2L relabel: rank 0 stores FKD labels for `images` (RRC 0.08-1, the protocol's mix), all wait."""
+    if d.main:
+        info = common.dataset_info(args.dataset)
+        bs = args.relabel_batch_size or min(rded_batch_size(ipc, info.num_classes, args.dataset, args.student), len(images))
+        common.fkd_generate(images, teacher, fkd_dir, epochs, bs, args.size, args.mean, args.std, args.mix or "cutmix",
+                            args.alpha or 1.0, 0.08, bool(args.flip), args.seed, d.device)
+    common.barrier()
+
+
 def random_real_runs(args, ipc, teacher, cfg_epochs, val_loader, d):
     """`--repeats` random real subsets at `ipc` (subset seeds seed+1000+r), one student each, same protocol."""
     info = common.dataset_info(args.dataset)
@@ -264,12 +273,7 @@ def random_real_runs(args, ipc, teacher, cfg_epochs, val_loader, d):
         with tempfile.TemporaryDirectory() as tmp:
             fkd_dir = os.path.join(tmp, "fkd")
             if args.label_mode == "fkd":  # the same relabelling recipe as the set's stored labels
-                if d.main:
-                    bs = args.relabel_batch_size or min(rded_batch_size(ipc, info.num_classes, args.dataset, args.student), len(y))
-                    common.fkd_generate(x, teacher, fkd_dir, cfg_epochs or args.relabel_epochs or args.epochs, bs, args.size,
-                                        args.mean, args.std, args.mix or "cutmix", args.alpha or 1.0, 0.08, bool(args.flip),
-                                        args.seed, d.device)
-                common.barrier()
+                store_fkd_labels(args, x, ipc, teacher, fkd_dir, cfg_epochs or args.relabel_epochs or args.epochs, d)
             one = copy.copy(args)
             one.repeats, one.seed = 1, args.seed + r
             res, _ = evaluate_set(one, f"random real {r + 1}/{args.repeats}", x, y, ipc, teacher, labels, fkd_dir, val_loader, d)
@@ -319,12 +323,8 @@ def main(argv=None):
     cfg = recipe_for(args, ipc, ipc * info.num_classes)
     if folder:
         if args.label_mode == "fkd" and args.relabel_epochs:  # SRe2L relabel: store the labels first
-            if d.main:
-                bs = args.relabel_batch_size or min(rded_batch_size(ipc, info.num_classes, args.dataset, args.student), len(targets))
-                common.fkd_generate(images, load_teachers(args, d.device), fkd_dir, args.relabel_epochs, bs, args.size,
-                                    args.mean, args.std, args.mix or "cutmix", args.alpha or 1.0, 0.08, bool(args.flip),
-                                    args.seed, d.device)
-            common.barrier()
+            store_fkd_labels(args, images, ipc, load_teachers(args, d.device) if d.main else None, fkd_dir,
+                             args.relabel_epochs, d)
         static_labels = None
         if args.label_mode == "static":
             path = os.path.join(folder, "soft_labels.pt")
