@@ -911,7 +911,8 @@ class RunDir:
 
     def _clear(self, extra):
         for name in os.listdir(self.out):
-            if self._is_class_dir(name) or name in self.CONTRACT or name in extra or name.startswith(".tmp-"):
+            if (self._is_class_dir(name) or name in self.CONTRACT or name in extra or name.startswith(".tmp-")
+                    or name.startswith(FKD_PREFIX)):
                 p = os.path.join(self.out, name)
                 shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
 
@@ -1205,6 +1206,17 @@ class Ensemble(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # FKD soft labels: stored once per epoch, replayed exactly (no torch patching)
 # ----------------------------------------------------------------------------------------------
+FKD_PREFIX = "fkd_"  # the store's files sit in the set's root: a folder there is one more class to every ImageFolder reader
+
+
+def fkd_path(root, name):
+    """Path of the FKD store file `name` ("meta.json", "epoch_0000.pt") of the set at `root`:
+    <root>/fkd_<name>. Sets written before this layout keep <root>/fkd/<name>; that file is read
+    when it is there and the new one is not."""
+    new, old = os.path.join(root, FKD_PREFIX + name), os.path.join(root, "fkd", name)
+    return old if not os.path.exists(new) and os.path.exists(old) else new
+
+
 def fkd_batch(images, rec, b, size, mean, std):
     """Rebuild batch b of an FKD epoch record from the stored crop boxes, flips and mix: used both
     when the labels are made and when they are replayed, so the two batches are the same pixels."""
@@ -1220,15 +1232,17 @@ def fkd_batch(images, rec, b, size, mean, std):
 
 def fkd_generate(images, teacher, out_dir, epochs, batch_size, size, mean, std, mix="cutmix", alpha=1.0,
                  min_scale=0.08, flip=True, seed=42, device="cpu", start_epoch=0):
-    """Store FKD soft labels (SRe2L relabel / D4M training-time matching): for each epoch one file
-    fkd/epoch_XXXX.pt with, per batch, the image indices, crop boxes (pixels of the stored image),
-    flips, mix parameters and the teacher's fp16 logits on the augmented, mixed batch. Complete
-    epoch files are kept on a rerun, so an interrupted generation resumes."""
+    """Store FKD soft labels (SRe2L relabel / D4M training-time matching) for the set at `out_dir`:
+    for each epoch one file <out_dir>/fkd_epoch_XXXX.pt with, per batch, the image indices, crop boxes
+    (pixels of the stored image), flips, mix parameters and the teacher's fp16 logits on the augmented,
+    mixed batch, and <out_dir>/fkd_meta.json. Files, not a folder, so ImageFolder(<out_dir>) still sees
+    exactly the class folders. Complete epoch files (either layout) are kept on a rerun, so an
+    interrupted generation resumes."""
     os.makedirs(out_dir, exist_ok=True)
     n, _, h, w = images.shape
     rrc = T.RandomResizedCrop(size, scale=(min_scale, 1.0))
     for epoch in range(start_epoch, epochs):
-        path = os.path.join(out_dir, f"epoch_{epoch:04d}.pt")
+        path = fkd_path(out_dir, f"epoch_{epoch:04d}.pt")
         if os.path.isfile(path):
             continue
         g = torch.Generator().manual_seed(seed * 100003 + epoch)
@@ -1246,16 +1260,17 @@ def fkd_generate(images, teacher, out_dir, epochs, batch_size, size, mean, std, 
             with torch.no_grad(), autocast(device):
                 rec["logits"].append(teacher(x).float().half().cpu())
         atomic_torch_save(rec, path)
-    atomic_write_json(os.path.join(out_dir, "meta.json"), {
+    atomic_write_json(os.path.join(out_dir, FKD_PREFIX + "meta.json"), {
         "epochs": epochs, "batch_size": batch_size, "size": size, "mix": mix, "alpha": alpha,
         "min_scale": min_scale, "flip": flip, "seed": seed, "images": n, "mean": list(mean), "std": list(std)})
 
 
 class FKDReplay(torch.utils.data.Dataset):
-    """A batch-level dataset over one stored FKD epoch: item b is (mixed batch b, its logits)."""
+    """A batch-level dataset over one stored FKD epoch of the set at `fkd_dir` (either layout):
+    item b is (mixed batch b, its logits)."""
 
     def __init__(self, images, fkd_dir, epoch, size, mean, std, rank=0, world=1):
-        self.rec = torch.load(os.path.join(fkd_dir, f"epoch_{epoch:04d}.pt"), weights_only=True)
+        self.rec = torch.load(fkd_path(fkd_dir, f"epoch_{epoch:04d}.pt"), weights_only=True)
         self.images, self.size, self.mean, self.std = images, size, mean, std
         self.batches = list(range(len(self.rec["index"])))[rank::world]
 
@@ -1268,9 +1283,10 @@ class FKDReplay(torch.utils.data.Dataset):
 
 
 def fkd_meta(fkd_dir):
-    path = os.path.join(fkd_dir, "meta.json")
+    """The recipe of the FKD labels stored for the set at `fkd_dir` (fkd_meta.json, or fkd/meta.json)."""
+    path = fkd_path(fkd_dir, "meta.json")
     if not os.path.isfile(path):
-        raise UserError(f"{fkd_dir} holds no stored FKD soft labels (meta.json missing): make them first "
+        raise UserError(f"{fkd_dir} holds no stored FKD soft labels (fkd_meta.json missing): make them first "
                         f"(e.g. d4m.py --ttm-epochs) or choose another --protocol")
     with open(path) as f:
         return json.load(f)

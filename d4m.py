@@ -13,7 +13,7 @@ Pipeline (one stage each in main()):
 Runs (the digits run needs no download: it uses a tiny random SD folder, so its images are noise):
   python -c "import sys; sys.path.insert(0, 'tests'); from tiny_models import build_tiny_sd; build_tiny_sd('/tmp/tiny-sd')"
   python d4m.py --model /tmp/tiny-sd --size 64 --steps 4 --ttm-epochs 2 --eval --eval-epochs 2
-      -> writes runs/d4m_digits_ipc10 (10 classes x 10 PNGs at 32 px, prototypes.pt, fkd/) and prints
+      -> writes runs/d4m_digits_ipc10 (10 classes x 10 PNGs at 32 px, prototypes.pt, fkd_*.pt) and prints
          "d4m digits ipc10: 100 images ... eval fkd top-1 ..." (the students learn little from noise)
   python d4m.py --dataset imagenet --data-path $IMAGENET --ipc 10 --eval --eval-student resnet18
       -> the paper's ImageNet-1K IPC10 setting (SD v1.5, km_expand 1, 50 PNDM steps, 224 px, ResNet-18 TTM)
@@ -336,10 +336,11 @@ def main(argv=None):
         images, _ = common.load_image_set(args.out, classes)
         teacher = common.load_teacher(args.teacher, args.dataset, args.teacher_path, args.data_path, device=d.device)
         size = common.input_size(args.dataset, args.teacher)
-        fkd = dict(teacher=teacher, out_dir=os.path.join(args.out, "fkd"), batch_size=args.ttm_batch_size, size=size,
+        # the labels are files in the set's root (fkd_epoch_XXXX.pt, fkd_meta.json): ImageFolder(out) sees only classes
+        fkd = dict(teacher=teacher, out_dir=args.out, batch_size=args.ttm_batch_size, size=size,
                    mean=info.mean, std=info.std, mix="cutmix", alpha=1.0, min_scale=0.08, flip=True,
                    seed=42 + args.seed, device=d.device)  # official fkd_seed 42, cutmix Beta(1,1), RRC 0.08-1
-        missing = [e for e in range(args.ttm_epochs) if not os.path.isfile(os.path.join(fkd["out_dir"], f"epoch_{e:04d}.pt"))]
+        missing = [e for e in range(args.ttm_epochs) if not os.path.isfile(common.fkd_path(args.out, f"epoch_{e:04d}.pt"))]
         with run.stage("ttm", items=args.ttm_epochs * len(images)) if missing else nullcontext():
             for epoch in tqdm(common.shard(range(args.ttm_epochs), d.rank, d.world), desc="TTM labels", disable=not d.main):
                 common.fkd_generate(images, epochs=epoch + 1, start_epoch=epoch, **fkd)  # epochs sharded over ranks
@@ -361,7 +362,7 @@ def main(argv=None):
         line = (f"d4m {args.dataset} ipc{args.ipc}: {len(classes) * args.ipc} images at {out_size} px in {args.out}; "
                 f"synthesis {synth.get('images_per_s', 0):.2f} img/s")
         if args.ttm_epochs:
-            line += f"; TTM labels for {args.ttm_epochs} epochs in {os.path.join(args.out, 'fkd')}"
+            line += f"; TTM labels for {args.ttm_epochs} epochs in {os.path.join(args.out, common.FKD_PREFIX + '*')}"
         if args.eval:
             e = summary["eval"]
             line += f"; eval {e['protocol']} top-1 best {e['best_mean']:.2f} +- {e['best_std']:.2f}, last {e['last_mean']:.2f}"

@@ -28,36 +28,45 @@ pass); numpy is seeded too; digits evaluation switches flips off (digits are not
 """
 import argparse
 import copy
+import hashlib
+import json
+import math
 import os
 import sys
 import tempfile
 
 import numpy as np
 import torch
+from torchvision.transforms import v2 as T
 
 import common
 
 PROTOCOL_LABELS = {"rded": "teacher", "fkd": "fkd", "static": "static", "hard": "hard"}
 
-# Per-protocol recipe; per-dataset changes in DATASET_PRESETS. Every value is a flag.
+# Per-protocol recipe; per-dataset changes in DATASET_PRESETS, per-method ones in METHOD_PRESETS. Every value is a flag.
 PROTOCOLS = {
-    "rded": dict(  # RDED validation (R:validation/main.py, R:argument.py), DELT §3.2
+    "rded": dict(  # RDED validation (LINs-lab/RDED@3f6453d:validation/main.py, argument.py; scripts/*.sh --re-epochs 300)
         temperature=20.0, t_squared=False, mix="cutmix", alpha=1.0, optimizer="adamw", weight_decay=0.01,
-        schedule="quarter", epochs=300, crop="rrc", factor=1, eval_every=10, eval_from=0.8, flip=True),
+        schedule="quarter", epochs=300, crop="rrc", factor=1, eval_every=10, eval_from=0.8, flip=True,
+        norm="imagenet",  # ImageNet statistics for teacher and student on every dataset (validation/main.py:111)
+        test_view="ratio"),
     "fkd": dict(  # SRe2L train_FKD.sh / D4M validate/train_FKD.sh: T=20, AdamW 1e-3, full cosine
         temperature=20.0, t_squared=False, optimizer="adamw", lr=1e-3, weight_decay=0.01, schedule="cosine",
-        epochs=300, eval_every=50, eval_from=0.0, flip=True),
+        epochs=300, eval_every=50, eval_from=0.0, flip=True, test_view="ratio"),
     "static": dict(  # INFER val_static.py: AdamW 1e-3/0.01 (hard-coded), cosine, mixup 0.8, T=30, 400 ep, bs 64
         temperature=30.0, t_squared=False, mix="mixup", alpha=0.8, optimizer="adamw", lr=1e-3, weight_decay=0.01,
-        schedule="cosine", epochs=400, batch_size=64, crop="pad", eval_every=10, eval_from=0.0, flip=True),
+        schedule="cosine", epochs=400, batch_size=64, crop="pad", eval_every=10, eval_from=0.0, flip=True,
+        test_view="ratio"),
     "hard": dict(  # Minimax train.py: SGD 0.01 m0.9 wd 5e-4, bs 64, MultiStep [2E/3, 5E/6] x0.2, cutmix p=1 beta=1
         mix="cutmix", alpha=1.0, optimizer="sgd", lr=0.01, weight_decay=5e-4, schedule="step", gamma=0.2,
-        batch_size=64, crop="rrc", min_scale=0.5, color_jitter=0.4, lighting=0.1, eval_from=0.0, flip=True),
+        batch_size=64, crop="rrc", min_scale=0.5, color_jitter=0.4, lighting=0.1, eval_from=0.0, flip=True,
+        test_view="full"),  # Resize(s)+CenterCrop(s), the whole image (Minimax data.py:309)
 }
 DATASET_PRESETS = {
-    # not published: our choice so that a digits evaluation takes about a minute on 2 CPU cores
+    # not published: our choice so that a digits evaluation takes about a minute on 2 CPU cores; the cached
+    # digits teachers are trained on digits statistics, so every protocol keeps them
     "digits": {"rded": dict(epochs=40, eval_from=0.0), "fkd": dict(epochs=40, eval_every=10), "static": dict(epochs=60),
-               "hard": dict(epochs=150), "all": dict(flip=False, student="conv3", teacher="conv3")},
+               "hard": dict(epochs=150), "all": dict(flip=False, student="conv3", teacher="conv3", norm="dataset")},
     "cifar10": {"all": dict(student="resnet18_modified", teacher="resnet18_modified")},
     "cifar100": {"all": dict(student="resnet18_modified", teacher="resnet18_modified")},
     # Tiny: RDED/DELT batch 100 whatever the IPC (R:argument.py)
@@ -66,8 +75,52 @@ DATASET_PRESETS = {
     **{d: {"rded": dict(factor=2), "hard": dict(student="resnet_ap10"), "all": dict(student="resnet18", teacher="resnet18")}
        for d in ("imagenette", "imagewoof", "imagenet100", "imagenet")},
 }
+# What each method's own official evaluation scripts run (a set gets its paper's evaluation by default:
+# --preset auto reads the method from the set's run.json). "protocol": the method's protocol, per
+# dataset where it differs; then {dataset or "all": {protocol: values}}, applied over the presets above.
+SMALL, IMAGENET_LIKE = ("cifar10", "cifar100", "tiny"), ("imagenette", "imagewoof", "imagenet100", "imagenet")
+METHOD_PRESETS = {
+    # RDED's own scripts (LINs-lab/RDED@3f6453d:scripts/*.sh:4,9): --factor 1 on CIFAR and Tiny, 2 on the
+    # ImageNet sets; --re-epochs 300
+    "rded": {"protocol": "rded",
+             **{d: {"rded": dict(epochs=300, factor=1 if d in SMALL else 2)} for d in SMALL + IMAGENET_LIKE}},
+    # DELT's validation scripts (VILA-Lab/DELT@f2f81ca:scripts/resnet18_imagenet1k_validation.sh:14,28-31,36):
+    # RandAugment m6-n2-mstd1.0, RRC scale (0.25, 1), no ShufflePatches, 300 epochs; seeds 3407/4663/2897 (3 runs)
+    "delt": {"protocol": "rded", "all": {"rded": dict(rand_augment="rand-m6-n2-mstd1.0", min_scale=0.25, factor=1)},
+             **{d: {"rded": dict(epochs=300, repeats=3)} for d in SMALL + IMAGENET_LIKE}},
+    # VLCP: RDED's validation copied into zou-yawen/Dataset-Distillation-via-Vision-Language-Category-Prototype
+    # @d0060eb4:04_evaluation/RDED/*.sh (--re-epochs 500 :9/:27; --factor 1 CIFAR, 2 Tiny and ImageNet-1K) and
+    # Minimax for Nette/Woof/IDC/ImageNet-100 (run_nette.sh:29: --repeat 3)
+    "vlcp": {"protocol": {"imagenette": "hard", "imagewoof": "hard", "imagenet100": "hard"},
+             "cifar10": {"rded": dict(epochs=500, factor=1)}, "cifar100": {"rded": dict(epochs=500, factor=1)},
+             "tiny": {"rded": dict(epochs=500, factor=2)}, "imagenet": {"rded": dict(epochs=500, factor=2)},
+             **{d: {"hard": dict(repeats=3)} for d in ("imagenette", "imagewoof", "imagenet100")}},
+    # D4M: training-time matching replayed (suduo94/D4M@da35d10:validate/train_FKD.sh: 300 epochs, T 20, AdamW
+    # 1e-3 cosine = the fkd protocol); a set without stored labels falls back to rded (online teacher)
+    "d4m": {"protocol": "fkd", "imagenet": {"fkd": dict(epochs=300)}},
+    # INFER: static labels; CIFAR = the static protocol (UFC README: 400 epochs, batch 64). ImageNet: not published:
+    # our choice, the nearest published ImageNet soft-label recipe, DWA's (INFER's base code; AngusDujw/
+    # Diversity-Driven-Synthesis@af95cfc:validation/validation_imgnet.py: RRC 224 scale (0.08, 1) + flip, AdamW
+    # 1e-3 / 0.01, full cosine, 300 epochs; batch 128 in scripts/run_imgnet.sh), with INFER's mixup + T=30 labels
+    "infer": {"protocol": "static",
+              "imagenet": {"static": dict(epochs=300, batch_size=128, crop="rrc", min_scale=0.08, norm="imagenet")}},
+}
+METHOD_SCRIPTS = {"delt.py": "delt", "d4m.py": "d4m", "vlcp.py": "vlcp", "infer_ufc.py": "infer", "dmkd.py": "dmkd"}
 # RDED's student LR table (R:argument.py); CIFAR-100 conv3 -> conv3 uses 2e-3 with batch 25
 STUDENT_LR = {"efficientnet_b0": 2e-3, "mobilenet_v2": 2.5e-3, "mobilenet_v2_cifar": 2.5e-3}
+# --lr-search: DD-Ranking 0.2.0's five rates (ddranking/metrics/soft_label.py, lr_list), best on the test set
+LR_GRID = (0.001, 0.005, 0.01, 0.05, 0.1)
+# --lrs: epochs of the full-real-data hard-label run (HLR). Not published: our choice, DD-Ranking 0.2.0's
+# real-data epochs (ddranking/utils/train_and_eval.py REAL_DATA_TRAINING_CONFIG: CIFAR 200, Tiny 100, ImageNet 90)
+FULL_DATA_EPOCHS = {"digits": 30, "cifar10": 200, "cifar100": 200, "tiny": 100, "imagenette": 90, "imagewoof": 90,
+                    "imagenet100": 90, "imagenet": 90}
+# --export-ddranking: DD-Ranking's dataset names and the statistics its test sets are normalised with (ddranking/utils/data.py)
+DDRANKING_DATASETS = {"cifar10": ("CIFAR10", common.CIFAR_MEAN, common.CIFAR_STD),
+                      "cifar100": ("CIFAR100", common.CIFAR_MEAN, common.CIFAR_STD),
+                      "tiny": ("TinyImageNet", common.IMAGENET_MEAN, common.IMAGENET_STD),
+                      "imagenet": ("ImageNet1K", common.IMAGENET_MEAN, common.IMAGENET_STD),
+                      "imagenette": ("ImageNette", common.IMAGENET_MEAN, common.IMAGENET_STD),
+                      "imagewoof": ("ImageWoof", common.IMAGENET_MEAN, common.IMAGENET_STD)}
 
 
 def rded_batch_size(ipc, num_classes, dataset, student):
@@ -93,25 +146,46 @@ def build_parser():
     g.add_argument("--syn-data-path", default=None, help="the distilled set: an ImageFolder-layout folder")
     g.add_argument("--random-real", type=int, default=None, metavar="IPC",
                    help="without a set: evaluate --repeats random real subsets of IPC images per class")
-    g.add_argument("--dataset", default="digits", choices=list(common.DATASETS), help="dataset of the set")
+    g.add_argument("--dataset", default=None, choices=list(common.DATASETS),
+                   help="dataset of the set (default: the one in the set's run.json, else digits)")
     g.add_argument("--data-path", default=None, help="real dataset root (its val split is the test set)")
-    g.add_argument("--protocol", default="rded", choices=list(PROTOCOLS), help="label protocol (see the header)")
+    g.add_argument("--protocol", default=None, choices=list(PROTOCOLS),
+                   help="label protocol (see the header; default: the set's method's, else rded)")
+    g.add_argument("--preset", default="auto", choices=("auto", "none", *METHOD_PRESETS),
+                   help="whose official evaluation to apply: auto = the method named in the set's run.json; "
+                        "none = the protocol's generic recipe. Explicit flags beat it")
     g.add_argument("--label-mode", default="auto", choices=("auto", "teacher", "fkd", "static", "hard"),
                    help="override where targets come from (static + teacher = INFER's dynamic labels)")
     g.add_argument("--ipc", type=int, default=None, help="use the first K images (sorted) of every class")
-    g.add_argument("--repeats", type=int, default=1, help="students trained with seeds seed..seed+N-1")
+    g.add_argument("--repeats", type=int, default=None, help="students trained with seeds seed..seed+N-1 (default 1)")
     g.add_argument("--baseline", default="none", choices=("none", "random"), help="also evaluate random real subsets")
     g.add_argument("--baseline-ipc", type=int, default=None, help="IPC of the random baseline (default: the set's)")
     g.add_argument("--out", default=None, help="result JSON path (default <set>/eval_<protocol>.json)")
     g.add_argument("--relabel-epochs", type=int, default=None,
                    help="fkd: first store FKD labels for this many epochs with the teacher (SRe2L relabel; resumes)")
     g.add_argument("--relabel-batch-size", type=int, default=None, help="fkd: batch size of the stored labels")
+    g.add_argument("--dry-run", action="store_true", help="print the resolved recipe (preset, protocol, every value) and exit")
+    g.add_argument("--export-ddranking", default=None, metavar="DIR",
+                   help="write the set for DD-Ranking (images.pt, soft_labels.pt, the teacher in its key layout, "
+                        "ddranking.json) into DIR and exit; no training")
+    g = p.add_argument_group("DD-Ranking metrics (arXiv 2505.13300): IOR, HLR, LRS")
+    g.add_argument("--lrs", action="store_true",
+                   help="also train the set with hard labels and (once, cached) the full real train split, and report "
+                        "HLR and the label-robust score LRS (implies --baseline random)")
+    g.add_argument("--lrs-lambda", type=float, default=0.5, help="LRS weight of IOR against HLR (DD-Ranking's default 0.5)")
+    g.add_argument("--hard-epochs", type=int, default=None, help="--lrs: epochs of the set's hard-label runs (default: the hard protocol's)")
+    g.add_argument("--full-epochs", type=int, default=None,
+                   help="--lrs: epochs of the full-data hard-label run (default: DD-Ranking's real-data epochs)")
+    g.add_argument("--lr-search", action="store_true",
+                   help="DD-Ranking's rule: train each student at five learning rates (%s) and keep the best ON THE TEST "
+                        "SET (optimistic: selection on the test data); applies to the set, the random subsets and the "
+                        "hard-label runs; the winners are recorded" % ", ".join(map(str, LR_GRID)))
     g = p.add_argument_group("models")
     g.add_argument("--student", default=None, help="student architecture (common.ARCHS)")
     g.add_argument("--teacher", default=None, help="teacher architecture; a comma list is an ensemble")
     g.add_argument("--teacher-path", default=None, help="teacher checkpoint(s), comma list matching --teacher")
-    g.add_argument("--norm", default="dataset", choices=("dataset", "imagenet"),
-                   help="input normalisation; RDED's released teachers expect ImageNet statistics everywhere")
+    g.add_argument("--norm", default=None, choices=("dataset", "imagenet"),
+                   help="input normalisation (default: the preset's; RDED/DELT use ImageNet statistics everywhere)")
     g.add_argument("--mean", type=float, nargs=3, default=None, help="explicit normalisation mean (beats --norm)")
     g.add_argument("--std", type=float, nargs=3, default=None, help="explicit normalisation std (beats --norm)")
     g = p.add_argument_group("recipe (each overrides the protocol preset)")
@@ -136,6 +210,9 @@ def build_parser():
     g.add_argument("--lighting", type=float, default=None, help="PCA lighting std (Minimax 0.1)")
     g.add_argument("--eval-every", type=int, default=None, help="evaluate every k epochs (and at the last)")
     g.add_argument("--eval-from", type=float, default=None, help="no evaluation before this fraction of training")
+    g.add_argument("--test-view", default=None, choices=("ratio", "full"),
+                   help="test images: ratio = Resize(s*8/7)+CenterCrop(s) (RDED/SRe2L/INFER); full = Resize(s)+"
+                        "CenterCrop(s), the whole image (Minimax)")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="first student seed")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -143,17 +220,66 @@ def build_parser():
     return p
 
 
-def resolve(args):
-    """Fill unset flags: protocol preset, then dataset preset, then the rules that depend on IPC."""
+def set_record(folder):
+    """The set's run.json (None when it has none or it is unreadable) and the method that made it."""
+    path = os.path.join(folder, "run.json") if folder else None
+    if not path or not os.path.isfile(path):
+        return None, None
+    try:
+        with open(path) as f:
+            rec = json.load(f)
+    except (OSError, ValueError):
+        return None, None
+    method = rec.get("method") or (rec.get("args") or {}).get("method")
+    if not method and rec.get("argv"):
+        method = METHOD_SCRIPTS.get(os.path.basename(str(rec["argv"][0])))
+    return rec, method
+
+
+def choose_preset(args):
+    """Dataset, method preset and protocol: flags first, then the set's run.json, then the defaults.
+    Returns (method or None, where the choice came from)."""
+    rec, made_by = set_record(args.syn_data_path)
+    if args.dataset is None:
+        args.dataset = ((rec or {}).get("args") or {}).get("dataset") or "digits"
+        common.dataset_info(args.dataset)  # a run.json from an unknown dataset stops here
+    if args.preset == "none":
+        method, source = None, "--preset none"
+    elif args.preset != "auto":
+        method, source = args.preset, "--preset"
+    elif made_by in METHOD_PRESETS:
+        method, source = made_by, f"{os.path.join(args.syn_data_path, 'run.json')} (made by {made_by})"
+    else:
+        method, source = None, (f"generic: the set was made by {made_by}, which has no evaluation preset here" if made_by
+                                else "generic: no method named in a run.json")
+    if args.protocol is None:
+        proto = METHOD_PRESETS.get(method, {}).get("protocol", "rded")
+        proto = proto.get(args.dataset, "rded") if isinstance(proto, dict) else proto
+        if proto == "fkd" and not (args.relabel_epochs or (args.syn_data_path and os.path.isfile(
+                common.fkd_path(args.syn_data_path.rstrip("/"), "meta.json")))):
+            proto = "rded"  # D4M's alternative when the set holds no stored labels
+        args.protocol = proto
+    return method, source
+
+
+def resolve(args, method=None):
+    """Fill unset flags: protocol preset, then dataset preset, then the method's official values, then
+    the rules that depend on IPC."""
     info = common.dataset_info(args.dataset)
     ds = DATASET_PRESETS.get(args.dataset, {})
-    preset = {**PROTOCOLS[args.protocol], **ds.get("all", {}), **ds.get(args.protocol, {})}
+    mp = METHOD_PRESETS.get(method, {})
+    preset = {**PROTOCOLS[args.protocol], **ds.get("all", {}), **ds.get(args.protocol, {}),
+              **mp.get("all", {}).get(args.protocol, {}), **mp.get(args.dataset, {}).get(args.protocol, {})}
     for k, v in preset.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
+    args.method = method
     args.label_mode = PROTOCOL_LABELS[args.protocol] if args.label_mode == "auto" else args.label_mode
     args.student = args.student or "resnet18"
     args.teacher = args.teacher or args.student
+    args.repeats = args.repeats or 1
+    args.norm = args.norm or "dataset"
+    args.test_view = args.test_view or "ratio"
     args.workers = (0 if args.dataset == "digits" else 8) if args.workers is None else args.workers
     if args.lr is None:
         args.lr = STUDENT_LR.get(args.student, 1e-3)
@@ -187,6 +313,33 @@ def recipe_for(args, ipc, n_images):
                               eval_from=args.eval_from, seed=args.seed, workers=args.workers)
 
 
+def recipe_record(args, cfg):
+    """Everything that decides a result, for the JSON and the dry run."""
+    return {**{k: v for k, v in vars(cfg).items() if k not in ("seed", "workers")}, "crop": args.crop,
+            "min_scale": args.min_scale, "factor": args.factor, "flip": bool(args.flip), "rand_augment": args.rand_augment,
+            "color_jitter": args.color_jitter, "lighting": args.lighting, "size": args.size, "norm": args.norm,
+            "mean": list(args.mean), "std": list(args.std), "test_view": args.test_view, "repeats": args.repeats,
+            "lr_search": list(LR_GRID) if args.lr_search else None}
+
+
+def val_transform(args):
+    """The test view: RDED/SRe2L's Resize(s//7*8)+CenterCrop(s), or Minimax's Resize(s)+CenterCrop(s)."""
+    if args.test_view == "ratio":
+        return common.eval_transform(args.dataset, args.size, mean=args.mean, std=args.std)
+    return T.Compose([common.to_tensor(), T.Resize(args.size, antialias=True), T.CenterCrop(args.size),
+                      T.Normalize(args.mean, args.std)])
+
+
+def class_folders_ipc(folder):
+    """Smallest number of image files in a class folder, without reading any image (for the dry run)."""
+    if not os.path.isdir(folder):
+        raise common.UserError(f"the set {folder} does not exist")
+    exts = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+    counts = [sum(f.lower().endswith(exts) for f in os.listdir(e.path)) for e in os.scandir(folder)
+              if e.is_dir() and not e.name.startswith(".") and e.name != "fkd"]
+    return min(counts) if counts else 0
+
+
 def load_teachers(args, device):
     archs = args.teacher.split(",")
     paths = args.teacher_path.split(",") if args.teacher_path else [None] * len(archs)
@@ -207,23 +360,48 @@ def ensemble_logits(teacher, images, args, device):
     return torch.cat(out)
 
 
-def train_once(args, images, targets, cfg, teacher, static_labels, fkd_dir, val_loader, d):
-    """One student on one image set; returns the train_student result."""
+def train_once(args, images, targets, cfg, teacher, static_labels, fkd_dir, val_loader, d, train_set=None):
+    """One student on one image set (or on `train_set`, a dataset of (image, label, index)); returns the
+    train_student result."""
     common.seed_everything(cfg.seed)
     student = common.build_model(args.student, common.dataset_info(args.dataset).num_classes, args.size)
     fkd = None
-    train_set = None
     if cfg.labels == "fkd":
         meta = common.fkd_meta(fkd_dir)
         fkd = {"images": images, "dir": fkd_dir, "size": meta["size"], "mean": meta["mean"], "std": meta["std"]}
-    else:
-        tf = common.train_transform(args.size, args.mean, args.std, crop=args.crop, min_scale=args.min_scale,
-                                    flip=bool(args.flip), factor=args.factor or 1, rand_augment=args.rand_augment,
-                                    color_jitter=args.color_jitter or 0.0, lighting=args.lighting or 0.0)
-        train_set = common.IndexedDataset(images, targets, tf)
+    elif train_set is None:
+        train_set = common.IndexedDataset(images, targets, train_view(args))
     return common.train_student(student, cfg, val_loader, d.device, train_set=train_set, teacher=teacher,
                                 static_labels=static_labels, fkd=fkd, dist_info=d,
                                 log=print if d.main else (lambda *_: None))
+
+
+def train_view(args):
+    return common.train_transform(args.size, args.mean, args.std, crop=args.crop, min_scale=args.min_scale,
+                                  flip=bool(args.flip), factor=args.factor or 1, rand_augment=args.rand_augment,
+                                  color_jitter=args.color_jitter or 0.0, lighting=args.lighting or 0.0)
+
+
+def train_repeat(args, name, images, targets, cfg, teacher, static_labels, fkd_dir, val_loader, d):
+    """One repeat: one student; with --lr-search one per rate of LR_GRID, keeping the best top-1 on the test
+    set (DD-Ranking's rule; the first of equal maxima, as its strict '>'). Returns (result, tried)."""
+    if not args.lr_search:
+        return train_once(args, images, targets, cfg, teacher, static_labels, fkd_dir, val_loader, d), None
+    tried = []
+    for lr in LR_GRID:
+        cfg.lr = lr
+        if d.main:
+            print(f"[{name}] --lr-search: lr {lr}")
+        tried.append((lr, train_once(args, images, targets, cfg, teacher, static_labels, fkd_dir, val_loader, d)))
+    lr, res = max(tried, key=lambda t: t[1]["best"])
+    cfg.lr = lr
+    return res, [{"lr": r, "best": t["best"], "last": t["last"]} for r, t in tried]
+
+
+def summarise(runs):
+    best, last = [r["best"] for r in runs], [r["last"] for r in runs]
+    return {"best_mean": float(np.mean(best)), "best_std": float(np.std(best)),
+            "last_mean": float(np.mean(last)), "last_std": float(np.std(last)), "runs": runs}
 
 
 def evaluate_set(args, name, images, targets, ipc, teacher, static_labels, fkd_dir, val_loader, d):
@@ -239,13 +417,12 @@ def evaluate_set(args, name, images, targets, ipc, teacher, static_labels, fkd_d
         if d.main:
             print(f"[{name}] repeat {r + 1}/{args.repeats}: {len(targets)} images, protocol {args.protocol} "
                   f"({cfg.labels} labels), student {args.student}, {cfg.epochs} epochs, batch {cfg.batch_size}, seed {cfg.seed}")
-        res = train_once(args, images, targets, cfg, teacher, static_labels, fkd_dir, val_loader, d)
+        res, tried = train_repeat(args, name, images, targets, cfg, teacher, static_labels, fkd_dir, val_loader, d)
         runs.append({"seed": cfg.seed, "best": res["best"], "last": res["last"], "history": res["history"],
                      "seconds": round(res["seconds"], 2), "images_per_s": round(res["images_per_s"], 1)})
-    best, last = [r["best"] for r in runs], [r["last"] for r in runs]
-    return {"images": len(targets), "ipc": ipc, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
-            "best_mean": float(np.mean(best)), "best_std": float(np.std(best)),
-            "last_mean": float(np.mean(last)), "last_std": float(np.std(last)), "runs": runs}, cfg
+        if tried:
+            runs[-1].update({"lr": cfg.lr, "lr_search": tried})
+    return {"images": len(targets), "ipc": ipc, "epochs": cfg.epochs, "batch_size": cfg.batch_size, **summarise(runs)}, cfg
 
 
 def store_fkd_labels(args, images, ipc, teacher, fkd_dir, epochs, d):
@@ -271,28 +448,232 @@ def random_real_runs(args, ipc, teacher, cfg_epochs, val_loader, d):
         x = (x * 255).round().to(torch.uint8)
         labels = ensemble_logits(teacher, x, args, d.device) if args.label_mode == "static" else None
         with tempfile.TemporaryDirectory() as tmp:
-            fkd_dir = os.path.join(tmp, "fkd")
             if args.label_mode == "fkd":  # the same relabelling recipe as the set's stored labels
-                store_fkd_labels(args, x, ipc, teacher, fkd_dir, cfg_epochs or args.relabel_epochs or args.epochs, d)
+                store_fkd_labels(args, x, ipc, teacher, tmp, cfg_epochs or args.relabel_epochs or args.epochs, d)
             one = copy.copy(args)
             one.repeats, one.seed = 1, args.seed + r
-            res, _ = evaluate_set(one, f"random real {r + 1}/{args.repeats}", x, y, ipc, teacher, labels, fkd_dir, val_loader, d)
+            res, _ = evaluate_set(one, f"random real {r + 1}/{args.repeats}", x, y, ipc, teacher, labels, tmp, val_loader, d)
         runs += res["runs"]
-    best, last = [r["best"] for r in runs], [r["last"] for r in runs]
     return {"kind": "random real subsets", "ipc": ipc, "subset_seeds": [args.seed + 1000 + r for r in range(args.repeats)],
-            "best_mean": float(np.mean(best)), "best_std": float(np.std(best)),
-            "last_mean": float(np.mean(last)), "last_std": float(np.std(last)), "runs": runs}
+            **summarise(runs)}
+
+
+# ----------------------------------------------------------------------------------------------
+# DD-Ranking's metrics (Li et al., arXiv 2505.13300, Sec. 3): IOR, HLR, LRS
+# ----------------------------------------------------------------------------------------------
+def label_robust_score(ior, hlr, lam=0.5):
+    """LRS = (e^a - e^-1) / (e - e^-1), a = lam * IOR - (1 - lam) * HLR. On accuracies as fractions
+    a lies in [-1, 1] and LRS in [0, 1]; DD-Ranking 0.2.0's code passes percentage points
+    (ddranking/metrics/soft_label.py compute_metrics), which pins LRS near -e^-1/(e - e^-1) = -0.157."""
+    a = lam * ior - (1 - lam) * hlr
+    return (math.exp(a) - math.exp(-1)) / (math.e - math.exp(-1))
+
+
+def mean_std(values):
+    return {"per_repeat": [float(v) for v in values], "mean": float(np.mean(values)), "std": float(np.std(values))}
+
+
+def ddranking_metrics(syn, rand, syn_hard=None, full_hard=None, lam=0.5):
+    """Per repeat r (all in percent): IOR_r = syn_r - rand_r (distilled seed s against random subset s),
+    HLR_r = full_hard - syn_hard_r, LRS_r on fractions and, for comparison with published tables, the
+    value DD-Ranking 0.2.0's code gives (percentage points in the exponential). Mean and population std."""
+    out = {"ior": mean_std([s - r for s, r in zip(syn, rand)])}
+    if syn_hard is not None and full_hard is not None:
+        hlr = [full_hard - h for h in syn_hard]
+        out["hlr"] = mean_std(hlr)
+        out["lrs"] = mean_std([label_robust_score((s - r) / 100, h / 100, lam) for s, r, h in zip(syn, rand, hlr)])
+        out["lrs_ddranking_code"] = mean_std([label_robust_score(s - r, h, lam) for s, r, h in zip(syn, rand, hlr)])
+    return out
+
+
+METRIC_DEFINITIONS = {
+    "ior": "improvement over random, percentage points: per repeat r, top-1 of the student trained on the distilled set "
+           "(seed s = seed + r) minus top-1 of the student trained on random real subset r (seed s) under the same "
+           "protocol; mean and population std over repeats",
+    "hlr": "hard-label recovery, percentage points: top-1 on the full real train split minus top-1 on the distilled set, "
+           "both with hard labels under the same student and hard-label recipe (the hard protocol); lower is better",
+    "lrs": "label-robust score: (e^a - e^-1)/(e - e^-1), a = lambda*IOR - (1-lambda)*HLR with IOR and HLR as fractions "
+           "(in [0, 1]); per repeat, then mean and population std",
+    "lrs_ddranking_code": "the same formula with IOR and HLR in percentage points, as DD-Ranking 0.2.0's code computes it "
+                          "(ddranking/metrics/soft_label.py); printed for comparison with its published tables",
+    "accuracies": "each run's best top-1 over its evaluations, as DD-Ranking uses",
+}
+
+
+class WithIndex(torch.utils.data.Dataset):
+    """(image, label, index) items over a dataset of (image, label): the training loop's format."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        x, y = self.ds[i]
+        return x, y, i
+
+
+def hard_label_args(args):
+    """The hard protocol's generic recipe for this dataset with the evaluation's student and normalisation."""
+    argv = ["--dataset", args.dataset, "--protocol", "hard", "--preset", "none", "--student", args.student,
+            "--mean", *map(str, args.mean), "--std", *map(str, args.std), "--seed", str(args.seed),
+            "--device", str(args.device), "--workers", str(args.workers), "--repeats", str(args.repeats)]
+    argv += ["--data-path", args.data_path] if args.data_path else []
+    argv += ["--epochs", str(args.hard_epochs)] if args.hard_epochs else []
+    h = resolve(build_parser().parse_args(argv))
+    h.lr_search = args.lr_search
+    return h
+
+
+def full_data_top1(h, val_loader, d, epochs):
+    """Top-1 of the student trained with hard labels on the whole real train split under the recipe `h`,
+    trained once per (dataset, student, recipe) and cached under $DD_CACHE/full_data with its recipe.
+    The recipe is the set's hard-label recipe but for the epochs (a distilled set's thousands of passes
+    would be absurd over the full data)."""
+    cfg = recipe_for(h, 10**9, 10**9)
+    cfg.epochs = epochs
+    cfg.milestones = (2 * epochs // 3, 5 * epochs // 6) if h.schedule == "step" and not h.milestones else cfg.milestones
+    cfg.eval_every = max(1, epochs // 10)
+    key = {"dataset": h.dataset, "student": h.student, "seed": h.seed, **recipe_record(h, cfg)}
+    key.pop("repeats"), key.pop("lr_search")
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(common.cache_dir(), "full_data", f"{h.dataset}_{h.student}_{digest}.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            cached = json.load(f)
+        if d.main:
+            print(f"full real data, hard labels: top-1 {cached['top1']:.2f} (cached {path})")
+        return {**cached, "cache": path, "cached": True}
+    real = WithIndex(common.real_dataset(h.dataset, h.data_path, "train", train_view(h)))
+    cfg.batch_size = min(cfg.batch_size, len(real))
+    if d.main:
+        print(f"full real data, hard labels: {len(real)} images, student {h.student}, {epochs} epochs, batch {cfg.batch_size} "
+              f"(once; cached in {path})")
+    res = train_once(h, None, None, cfg, None, None, None, val_loader, d, train_set=real)
+    out = {"top1": res["best"], "last": res["last"], "history": res["history"], "seconds": round(res["seconds"], 2),
+           "recipe": key, "versions": common.package_versions(), "device": common.device_name(d.device)}
+    if d.main:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        common.atomic_write_json(path, out)
+    return {**out, "cache": path, "cached": False}
+
+
+def hard_label_metrics(args, images, targets, ipc, d):
+    """HLR's two figures: `--repeats` hard-label students on the set and the cached full-data one."""
+    h = hard_label_args(args)
+    val = common.real_dataset(h.dataset, h.data_path, "val", val_transform(h))
+    val_loader = torch.utils.data.DataLoader(val, batch_size=256, num_workers=h.workers)
+    syn, cfg = evaluate_set(h, "distilled, hard labels", images, targets, ipc, None, None, None, val_loader, d)
+    full = full_data_top1(h, val_loader, d, args.full_epochs or FULL_DATA_EPOCHS[args.dataset])
+    return {"recipe": recipe_record(h, cfg), "student": h.student, **syn}, full
+
+
+# ----------------------------------------------------------------------------------------------
+# export for DD-Ranking (ddranking 0.2.0): what its LabelRobustScoreSoft reads
+# ----------------------------------------------------------------------------------------------
+def ddranking_model(arch):
+    """DD-Ranking's model name for one of ours and whether it is its torchvision variant: our convD is
+    layer for layer its ConvNet-D-BN (width 128, BatchNorm, ReLU, AvgPool), resnet18(_modified) its
+    torchvision ResNet-18 (3x3 stem without max-pool at 32/64 px)."""
+    if arch.startswith("conv") and arch[4:].isdigit():
+        return f"ConvNet-{arch[4:]}-BN", False
+    if arch in ("resnet18", "resnet18_modified"):
+        return "ResNet-18-BN", True
+    raise common.UserError(f"DD-Ranking has no architecture matching teacher {arch!r}: export a conv3..conv6, "
+                           f"resnet18 or resnet18_modified teacher (--teacher)")
+
+
+def ddranking_state_dict(model, arch):
+    """Our state dict in DD-Ranking's key layout: ConvNet's fc.* is its classifier.*; the rest is equal."""
+    sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    if arch.startswith("conv"):
+        sd = {("classifier." + k[3:] if k.startswith("fc.") else k): v for k, v in sd.items()}
+    return sd
+
+
+def export_ddranking(args, folder, images, targets, rows, out_dir, d):
+    """images.pt (float [N,3,H,W], class-major, normalised as DD-Ranking normalises the dataset's test set),
+    soft_labels.pt (float [N,C] teacher logits, row i = image i), the teacher at
+    teacher_models/<Dataset>/<Model>/ckpt_best.pt (a plain state dict in its key layout) and ddranking.json."""
+    info = common.dataset_info(args.dataset)
+    counts = torch.bincount(targets, minlength=info.num_classes)
+    if int(counts.min()) != int(counts.max()):
+        raise common.UserError(f"DD-Ranking needs the same number of images in every class (its hard labels are IPC "
+                               f"copies of each class); {folder} holds {int(counts.min())} to {int(counts.max())}: pass --ipc")
+    if "," in args.teacher:
+        raise common.UserError("export one teacher for DD-Ranking (--teacher with one architecture)")
+    model_name, torchvision_variant = ddranking_model(args.teacher)
+    dd_name, dd_mean, dd_std = DDRANKING_DATASETS.get(args.dataset, (args.dataset, info.mean, info.std))
+    teacher = load_teachers(args, d.device)
+    path = os.path.join(folder, "soft_labels.pt")
+    if os.path.isfile(path):
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        soft = (stored["logits"] if isinstance(stored, dict) else stored)[rows].float()
+        source = "the set's soft_labels.pt"
+    else:
+        soft = ensemble_logits(teacher, images, args, d.device)
+        source = f"teacher {args.teacher} on the unaugmented images (static labels)"
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt = os.path.join(out_dir, "teacher_models", dd_name, model_name, "ckpt_best.pt")
+    os.makedirs(os.path.dirname(ckpt), exist_ok=True)
+    common.atomic_torch_save(ddranking_state_dict(teacher, args.teacher), ckpt)
+    common.atomic_torch_save(common.normalize(images.float() / 255, dd_mean, dd_std).contiguous(),
+                             os.path.join(out_dir, "images.pt"))
+    common.atomic_torch_save(soft.contiguous(), os.path.join(out_dir, "soft_labels.pt"))
+    ipc = int(counts[0])
+    spec = {"dataset": dd_name, "ipc": ipc, "num_images": len(targets), "model_name": model_name,
+            "im_size": [args.size, args.size], "teacher_dir": os.path.abspath(os.path.join(out_dir, "teacher_models")),
+            "teacher_model_names": [model_name], "tea_use_torchvision": torchvision_variant,
+            "stu_use_torchvision": torchvision_variant, "soft_label_mode": "S", "soft_label_criterion": "kl",
+            "loss_fn_kwargs": {"temperature": args.temperature or 1.0, "scale_loss": bool(args.t_squared)},
+            "image_tensor": os.path.abspath(os.path.join(out_dir, "images.pt")),
+            "soft_labels": os.path.abspath(os.path.join(out_dir, "soft_labels.pt")), "soft_labels_from": source,
+            "image_path": os.path.abspath(folder), "images_normalised_with": {"mean": list(dd_mean), "std": list(dd_std)},
+            "teacher_expects": {"mean": list(args.mean), "std": list(args.std)},
+            "order": "class-major, IPC images per class in ImageFolder order (DD-Ranking's hard labels)",
+            "usage": "LabelRobustScoreSoft(dataset=..., ipc=..., model_name=..., im_size=..., teacher_dir=..., "
+                     "teacher_model_names=..., soft_label_mode='S', ...).compute_metrics(image_tensor=torch.load("
+                     "image_tensor), soft_labels=torch.load(soft_labels)); image_path suits soft_label_mode 'M' "
+                     "(teacher online) with a custom_train_trans that normalises"}
+    common.atomic_write_json(os.path.join(out_dir, "ddranking.json"), spec)
+    if tuple(args.mean) != tuple(dd_mean) or tuple(args.std) != tuple(dd_std):
+        print(f"note: the teacher was used with mean {list(args.mean)} / std {list(args.std)}, but DD-Ranking normalises "
+              f"{dd_name} with {list(dd_mean)} / {list(dd_std)}: its online teacher (mode M) sees other inputs")
+    print(f"exported {len(targets)} images ({ipc} per class), soft labels from {source}, teacher {args.teacher} as "
+          f"DD-Ranking {model_name} -> {out_dir}")
+    return spec
 
 
 def main(argv=None):
-    args = resolve(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    method, source = choose_preset(args)
+    args = resolve(args, method)
     if not args.syn_data_path and not args.random_real:
         raise common.UserError("give --syn-data-path (a set to evaluate) or --random-real IPC (random real subsets only)")
-    d = common.dist_setup(args.device)
+    if args.export_ddranking and not args.syn_data_path:
+        raise common.UserError("--export-ddranking needs --syn-data-path (the set to export)")
+    if args.lrs:
+        args.baseline = "random"
     info = common.dataset_info(args.dataset)
-    classes = common.class_list(args.dataset, args.data_path)
     folder = args.syn_data_path.rstrip("/") if args.syn_data_path else None
-    fkd_dir = os.path.join(folder, "fkd") if folder else None
+    fkd_dir = folder  # stored FKD labels are files in the set's root (common.fkd_path; the old fkd/ folder is read too)
+    preset_line = f"preset: {method or 'none'} ({source}); protocol {args.protocol}"
+
+    # --- dry run: the resolved recipe, nothing loaded or trained ---
+    if args.dry_run:
+        ipc = args.ipc or (class_folders_ipc(folder) if folder else args.random_real)
+        cfg = recipe_for(args, ipc, ipc * info.num_classes)
+        print(preset_line)
+        print(json.dumps({"preset": method, "preset_source": source, "protocol": args.protocol, "label_mode": args.label_mode,
+                          "dataset": args.dataset, "ipc": ipc, "student": args.student,
+                          "teacher": None if args.label_mode == "hard" else args.teacher, "recipe": recipe_record(args, cfg)},
+                         indent=1))
+        return None
+    d = common.dist_setup(args.device)
+    if d.main:
+        print(preset_line)
+    classes = common.class_list(args.dataset, args.data_path)
 
     # --- the distilled set (checked against the dataset's class list) ---
     if folder:
@@ -305,15 +686,17 @@ def main(argv=None):
         ipc = args.ipc or int(torch.bincount(targets, minlength=info.num_classes).min())
     else:
         ipc = args.random_real
+    if args.export_ddranking:
+        return export_ddranking(args, folder, images, targets, rows, args.export_ddranking, d) if d.main else None
 
     # --- the test set: the real validation split ---
-    val = common.real_dataset(args.dataset, args.data_path, "val",
-                              common.eval_transform(args.dataset, args.size, mean=args.mean, std=args.std))
+    val = common.real_dataset(args.dataset, args.data_path, "val", val_transform(args))
     val_loader = torch.utils.data.DataLoader(val, batch_size=256, num_workers=args.workers)
 
     # --- labels: teachers (online, static) or stored ---
     teacher = load_teachers(args, d.device) if args.label_mode in ("teacher", "static") else None
     record = {"protocol": args.protocol, "label_mode": args.label_mode, "dataset": args.dataset,
+              "preset": method, "preset_source": source,
               "syn_data_path": os.path.abspath(folder) if folder else None, "student": args.student,
               "teacher": None if args.label_mode == "hard" else args.teacher, "teacher_path": args.teacher_path,
               "repeats": args.repeats, "std": "population standard deviation (numpy ddof=0) over repeats",
@@ -351,10 +734,25 @@ def main(argv=None):
             record["improvement_over_random"] = record["best_mean"] - base["best_mean"]
         else:
             record.update(base)
-    record["recipe"] = {**vars(cfg), "crop": args.crop, "min_scale": args.min_scale, "factor": args.factor,
-                        "flip": bool(args.flip), "rand_augment": args.rand_augment, "color_jitter": args.color_jitter,
-                        "lighting": args.lighting, "size": args.size, "norm": args.norm,
-                        "mean": list(args.mean), "std": list(args.std)}
+    record["recipe"] = recipe_record(args, cfg)
+    if args.lr_search:
+        record["lr_search"] = {"rates": list(LR_GRID), "selected_on": "the test set (DD-Ranking's rule): optimistic",
+                               "distilled": [r.get("lr") for r in record.get("runs", [])] if folder else None,
+                               "random": [r.get("lr") for r in record.get("baseline", record)["runs"]]}
+
+    # --- DD-Ranking's metrics: paired IOR, and with --lrs HLR and LRS ---
+    if folder and "baseline" in record:
+        syn, rand = [r["best"] for r in record["runs"]], [r["best"] for r in record["baseline"]["runs"]]
+        metrics = {"definitions": METRIC_DEFINITIONS, "lambda": args.lrs_lambda}
+        syn_hard = full = None
+        if args.lrs:
+            hard, full = hard_label_metrics(args, images, targets, ipc, d)
+            syn_hard = [r["best"] for r in hard["runs"]]
+            metrics.update({"hard_label": hard, "full_data": full})
+            if args.lr_search:
+                record["lr_search"]["distilled_hard_labels"] = [r.get("lr") for r in hard["runs"]]
+        metrics.update(ddranking_metrics(syn, rand, syn_hard, full["top1"] if full else None, args.lrs_lambda))
+        record["metrics"] = metrics
 
     # --- the record and one summary line ---
     if d.main:
@@ -373,6 +771,18 @@ def main(argv=None):
             line += (f"; random real: best {b['best_mean']:.2f} ± {b['best_std']:.2f}, last {b['last_mean']:.2f} ± "
                      f"{b['last_std']:.2f} (improvement {record['improvement_over_random']:+.2f})")
         print(line)
+        m = record.get("metrics")
+        if m:
+            text = f"metrics: IOR {m['ior']['mean']:+.2f} ± {m['ior']['std']:.2f} pp (paired per repeat)"
+            if "lrs" in m:
+                text += (f", HLR {m['hlr']['mean']:.2f} ± {m['hlr']['std']:.2f} pp (full data {m['full_data']['top1']:.2f}), "
+                         f"LRS {m['lrs']['mean']:.4f} ± {m['lrs']['std']:.4f} (lambda {args.lrs_lambda}, on fractions); "
+                         f"DD-Ranking 0.2.0's code would give LRS {m['lrs_ddranking_code']['mean']:.4f} "
+                         f"(percentage points in the exponential)")
+            print(text)
+        if args.lr_search:
+            print(f"lr search (selected on the test set): distilled {record['lr_search']['distilled']}, "
+                  f"random {record['lr_search']['random']}")
         print(f"wrote {out}")
     return record
 

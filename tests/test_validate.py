@@ -82,20 +82,20 @@ def test_fkd_replay_is_pixel_exact(tmp_path):
     mean, std = common.DATASETS["digits"].mean, common.DATASETS["digits"].std
     common.fkd_generate(images, teacher, str(tmp_path), epochs=2, batch_size=10, size=24, mean=mean, std=std,
                         mix="cutmix", seed=5)
-    assert sorted(os.listdir(tmp_path)) == ["epoch_0000.pt", "epoch_0001.pt", "meta.json"]
+    assert sorted(os.listdir(tmp_path)) == ["fkd_epoch_0000.pt", "fkd_epoch_0001.pt", "fkd_meta.json"]  # files, no folder
     replayed = [b for e in range(2) for b in common.FKDReplay(images, str(tmp_path), e, 24, mean, std)]
     assert len(replayed) == len(teacher.seen) == 8  # 4 batches (10, 10, 10, 7) per epoch
     for (xb, logits), seen in zip(replayed, teacher.seen):
         assert torch.equal(xb, seen)  # the very same pixels
         assert torch.allclose(logits.float(), teacher(seen).half().float())
-    e0 = torch.load(tmp_path / "epoch_0000.pt", weights_only=True)
-    e1 = torch.load(tmp_path / "epoch_0001.pt", weights_only=True)
+    e0 = torch.load(tmp_path / "fkd_epoch_0000.pt", weights_only=True)
+    e1 = torch.load(tmp_path / "fkd_epoch_0001.pt", weights_only=True)
     assert not torch.equal(torch.cat(e0["index"]), torch.cat(e1["index"]))  # a new order every epoch
     assert sorted(torch.cat(e0["index"]).tolist()) == list(range(37))
     # an interrupted generation resumes: complete epochs are not redone
-    mtime = os.path.getmtime(tmp_path / "epoch_0000.pt")
+    mtime = os.path.getmtime(tmp_path / "fkd_epoch_0000.pt")
     common.fkd_generate(images, teacher, str(tmp_path), epochs=3, batch_size=10, size=24, mean=mean, std=std, seed=5)
-    assert os.path.getmtime(tmp_path / "epoch_0000.pt") == mtime and (tmp_path / "epoch_0002.pt").is_file()
+    assert os.path.getmtime(tmp_path / "fkd_epoch_0000.pt") == mtime and (tmp_path / "fkd_epoch_0002.pt").is_file()
 
 
 def _random_set(out, ipc, seed=123):
@@ -173,9 +173,11 @@ def test_bad_sets_are_refused(digits_set, tmp_path):
     for f in os.listdir(bad):
         if f.startswith("eval_"):
             os.remove(os.path.join(bad, f))
-    if os.path.isdir(os.path.join(bad, "fkd")):  # labels stored by the fkd protocol test: too few epochs
+    if os.path.isfile(os.path.join(bad, "fkd_meta.json")):  # labels stored by the fkd protocol test: too few epochs
         _expect_error(["--syn-data-path", bad, "--protocol", "fkd", "--epochs", "5"], "exceeds the 2 epochs")
-        shutil.rmtree(os.path.join(bad, "fkd"))
+        for f in os.listdir(bad):
+            if f.startswith("fkd_"):
+                os.remove(os.path.join(bad, f))
     _expect_error(["--syn-data-path", bad, "--protocol", "fkd"], "no stored FKD soft labels")
     _expect_error(["--syn-data-path", bad, "--ipc", "5"], "fewer than --ipc 5")
     for f in os.listdir(os.path.join(bad, "00004")):
