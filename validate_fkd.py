@@ -315,7 +315,7 @@ def recipe_for(args, ipc, n_images):
 
 def recipe_record(args, cfg):
     """Everything that decides a result, for the JSON and the dry run."""
-    return {**{k: v for k, v in vars(cfg).items() if k not in ("seed", "workers")}, "crop": args.crop,
+    return {**{k: v for k, v in vars(cfg).items() if k not in ("seed", "workers")}, "milestones": list(cfg.milestones), "crop": args.crop,
             "min_scale": args.min_scale, "factor": args.factor, "flip": bool(args.flip), "rand_augment": args.rand_augment,
             "color_jitter": args.color_jitter, "lighting": args.lighting, "size": args.size, "norm": args.norm,
             "mean": list(args.mean), "std": list(args.std), "test_view": args.test_view, "repeats": args.repeats,
@@ -664,12 +664,13 @@ def main(argv=None):
     if args.dry_run:
         ipc = args.ipc or (class_folders_ipc(folder) if folder else args.random_real)
         cfg = recipe_for(args, ipc, ipc * info.num_classes)
+        resolved = {"preset": method, "preset_source": source, "protocol": args.protocol, "label_mode": args.label_mode,
+                    "dataset": args.dataset, "ipc": ipc, "student": args.student,
+                    "teacher": None if args.label_mode == "hard" else args.teacher, "recipe": recipe_record(args, cfg)}
         print(preset_line)
-        print(json.dumps({"preset": method, "preset_source": source, "protocol": args.protocol, "label_mode": args.label_mode,
-                          "dataset": args.dataset, "ipc": ipc, "student": args.student,
-                          "teacher": None if args.label_mode == "hard" else args.teacher, "recipe": recipe_record(args, cfg)},
-                         indent=1))
-        return None
+        for k, v in {**{k: v for k, v in resolved.items() if k != "recipe"}, **resolved["recipe"]}.items():
+            print(f"  {k:14s} {json.dumps(v)}")
+        return resolved
     d = common.dist_setup(args.device)
     if d.main:
         print(preset_line)

@@ -112,10 +112,10 @@ def test_ttm_labels_replay(d4m_run, digits_conv3):
     """§2.4: the stored FKD batches rebuild to the same pixels, whose teacher logits are the stored ones; and
     validate_fkd.py's fkd protocol replayed them (§2.5: T=20, AdamW, cosine, no T^2)."""
     out = d4m_run["out"]
-    meta = json.load(open(os.path.join(out, "fkd", "meta.json")))
+    meta = json.load(open(os.path.join(out, "fkd_meta.json")))
     assert meta["epochs"] == 2 and meta["batch_size"] == 16 and meta["mix"] == "cutmix" and meta["min_scale"] == 0.08
     images, _ = common.load_image_set(out, common.class_list("digits"))
-    rec = torch.load(os.path.join(out, "fkd", "epoch_0001.pt"), weights_only=True)
+    rec = torch.load(os.path.join(out, "fkd_epoch_0001.pt"), weights_only=True)
     assert len(rec["index"]) == 2 and sorted(torch.cat(rec["index"]).tolist()) == list(range(30))
     x = common.fkd_batch(images, rec, 1, meta["size"], meta["mean"], meta["std"])
     with torch.no_grad():
@@ -124,6 +124,18 @@ def test_ttm_labels_replay(d4m_run, digits_conv3):
     assert ev["protocol"] == "fkd" and ev["label_mode"] == "fkd" and ev["epochs"] == 1
     assert ev["recipe"]["temperature"] == 20.0 and not ev["recipe"]["t_squared"]
     assert json.load(open(os.path.join(out, "run.json")))["eval"]["protocol"] == "fkd"
+
+
+def test_image_folder_readers_see_only_the_classes(d4m_run):
+    """The TTM labels are files in the root, so torchvision's ImageFolder (and DD-Ranking, which uses it) sees
+    exactly the 10 class folders and the 30 images, no extra "fkd" class."""
+    import torchvision
+    out = d4m_run["out"]
+    assert os.path.isfile(os.path.join(out, "fkd_meta.json")) and not os.path.exists(os.path.join(out, "fkd"))
+    folder = torchvision.datasets.ImageFolder(out)
+    assert folder.classes == [f"{c:05d}" for c in range(10)] and len(folder) == 30
+    assert [t for _, t in folder.samples] == [c for c in range(10) for _ in range(3)]
+    assert all(os.path.isdir(os.path.join(out, n)) == (len(n) == 5 and n.isdigit()) for n in os.listdir(out))
 
 
 def test_prompts_in_class_order(d4m_run, tmp_path, monkeypatch):
@@ -159,12 +171,12 @@ def test_resume_redoes_only_missing_work(d4m_run, tmp_path, capsys):
     before = open(os.path.join(out, "00004", "00001.png"), "rb").read()
     mtime = os.path.getmtime(os.path.join(out, "00003", "00001.png"))
     shutil.rmtree(os.path.join(out, "00004"))
-    os.remove(os.path.join(out, "fkd", "epoch_0001.pt"))
+    os.remove(os.path.join(out, "fkd_epoch_0001.pt"))
     d4m.main(["--model", d4m_run["model"], "--out", out, *ARGS])  # the same run, without --eval
     assert "latents ->" not in capsys.readouterr().out  # prototypes.pt reused, nothing re-encoded
     assert os.path.getmtime(os.path.join(out, "00003", "00001.png")) == mtime  # a complete class is kept
     assert open(os.path.join(out, "00004", "00001.png"), "rb").read() == before  # redone, identically
-    assert os.path.isfile(os.path.join(out, "fkd", "epoch_0001.pt"))
+    assert os.path.isfile(os.path.join(out, "fkd_epoch_0001.pt"))
     record = json.load(open(os.path.join(out, "run.json")))
     assert record["status"] == "done" and record["stages"]["synthesis"]["images"] == 3
     with pytest.raises(common.UserError, match="different run"):  # another setting never mixes into this set
@@ -215,8 +227,8 @@ def test_torchrun_two_processes_write_the_same_set(d4m_run, tmp_path):
     p2 = torch.load(os.path.join(out, "prototypes.pt"), weights_only=True)
     assert sorted(p1) == sorted(p2)
     for e in range(2):
-        a = torch.load(os.path.join(d4m_run["out"], "fkd", f"epoch_{e:04d}.pt"), weights_only=True)
-        b = torch.load(os.path.join(out, "fkd", f"epoch_{e:04d}.pt"), weights_only=True)
+        a = torch.load(os.path.join(d4m_run["out"], f"fkd_epoch_{e:04d}.pt"), weights_only=True)
+        b = torch.load(os.path.join(out, f"fkd_epoch_{e:04d}.pt"), weights_only=True)
         assert all(torch.equal(x, y) for x, y in zip(a["index"], b["index"]))  # the same batches and crops
         assert all(torch.equal(x, y) for x, y in zip(a["boxes"], b["boxes"]))
         assert all(torch.allclose(x.float(), y.float(), atol=0.05) for x, y in zip(a["logits"], b["logits"]))

@@ -189,3 +189,184 @@ def test_bad_sets_are_refused(digits_set, tmp_path):
     common.write_classes_json(bad, classes[1:] + classes[:1])
     _expect_error(["--syn-data-path", bad], "different class order")
     _expect_error(["--syn-data-path", str(tmp_path / "nowhere")], "does not exist")
+
+
+# ---------------------------------------------------------------------------------------------
+# the stored-FKD layout of old sets; presets per method; DD-Ranking's metrics; --lr-search
+# ---------------------------------------------------------------------------------------------
+def test_old_fkd_folder_layout_still_replays(digits_set, digits_conv3, tmp_path):
+    """Sets written before the labels moved to the root keep <set>/fkd/{meta.json,epoch_XXXX.pt}: still read."""
+    old = str(tmp_path / "old")
+    shutil.copytree(digits_set, old, ignore=shutil.ignore_patterns("eval_*", "fkd_*"))
+    images, _ = common.load_image_set(old, common.class_list("digits"))
+    mean, std = common.DATASETS["digits"].mean, common.DATASETS["digits"].std
+    common.fkd_generate(images, digits_conv3, old, epochs=1, batch_size=16, size=32, mean=mean, std=std, seed=3)
+    new = [b for b in common.FKDReplay(images, old, 0, 32, mean, std)]
+    os.makedirs(os.path.join(old, "fkd"))
+    for f in ("meta.json", "epoch_0000.pt"):
+        os.replace(os.path.join(old, "fkd_" + f), os.path.join(old, "fkd", f))
+    assert common.fkd_path(old, "meta.json") == os.path.join(old, "fkd", "meta.json")
+    assert common.fkd_meta(old)["epochs"] == 1
+    replayed = [b for b in common.FKDReplay(images, old, 0, 32, mean, std)]
+    assert len(replayed) == len(new) == 2 and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+                                                  for a, b in zip(replayed, new))
+    proc = run_script("validate_fkd.py", "--syn-data-path", old, "--protocol", "fkd", "--epochs", "1")
+    assert "result: digits protocol fkd" in proc.stdout
+    assert json.load(open(os.path.join(old, "eval_fkd.json")))["images"] == 30  # the fkd/ folder is not a class
+
+
+def _fake_set(root, method, dataset, ipc=2, fkd=False):
+    """A set's folder as the dry run reads it: run.json naming the script that made it, class folders of files."""
+    os.makedirs(root)
+    json.dump({"argv": [f"/somewhere/{method}.py", "--dataset", dataset], "args": {"dataset": dataset}},
+              open(os.path.join(root, "run.json"), "w"))
+    for c in range(common.DATASETS[dataset].num_classes):
+        os.makedirs(os.path.join(root, f"{c:05d}"))
+        for i in range(ipc):
+            open(os.path.join(root, f"{c:05d}", f"{i:05d}.png"), "w").close()
+    if fkd:
+        json.dump({"epochs": 300}, open(os.path.join(root, "fkd_meta.json"), "w"))
+    return root
+
+
+def test_each_method_gets_its_official_evaluation(tmp_path, capsys):
+    """--preset auto reads the method from the set's run.json; the dry run prints what its scripts run."""
+    import validate_fkd
+
+    def dry(method, dataset, *flags, fkd=False, ipc=2):
+        root = _fake_set(str(tmp_path / f"{method}_{dataset}_{len(os.listdir(tmp_path))}"), method, dataset, ipc, fkd)
+        r = validate_fkd.main(["--syn-data-path", root, "--dry-run", *flags])
+        return {**r, **r["recipe"]}
+
+    imagenet = [list(common.IMAGENET_MEAN), list(common.IMAGENET_STD)]
+    r = dry("vlcp", "cifar10")  # VLCP's RDED scripts: 500 epochs, factor 1, ImageNet statistics
+    assert (r["preset"], r["protocol"], r["epochs"], r["factor"], r["min_scale"]) == ("vlcp", "rded", 500, 1, 1.0)
+    assert r["dataset"] == "cifar10" and [r["mean"], r["std"]] == imagenet and r["student"] == "resnet18_modified"
+    assert "made by vlcp" in capsys.readouterr().out
+    r = dry("vlcp", "tiny")  # factor 2: 2x2 ShufflePatches, RandomResizedCrop scale (0.5, 1)
+    assert (r["protocol"], r["epochs"], r["factor"], r["min_scale"], r["batch_size"]) == ("rded", 500, 2, 0.5, 100)
+    r = dry("vlcp", "imagenette")  # Minimax: hard labels, ResNetAP-10, 3 repeats, Resize(224)+CenterCrop(224)
+    assert (r["protocol"], r["student"], r["repeats"], r["test_view"], r["epochs"]) == ("hard", "resnet_ap10", 3, "full", 2000)
+    assert (r["optimizer"], r["lr"], r["batch_size"], r["milestones"]) == ("sgd", 0.01, 20, [1333, 1666])
+    r = dry("vlcp", "imagenet", ipc=10)
+    assert (r["protocol"], r["epochs"], r["factor"], r["batch_size"]) == ("rded", 500, 2, 100)
+    r = dry("delt", "imagenet", ipc=10)  # DELT's scripts: RandAugment, RRC (0.25, 1), no ShufflePatches, 3 seeds
+    assert (r["protocol"], r["epochs"], r["rand_augment"], r["min_scale"], r["factor"], r["repeats"]) == \
+        ("rded", 300, "rand-m6-n2-mstd1.0", 0.25, 1, 3)
+    assert [r["mean"], r["std"]] == imagenet and r["schedule"] == "quarter" and r["temperature"] == 20.0
+    r = dry("random", "tiny", "--preset", "rded")  # RDED's own scripts: 300 epochs, factor 1 on Tiny
+    assert (r["preset"], r["epochs"], r["factor"], r["min_scale"]) == ("rded", 300, 1, 1.0)
+    r = dry("infer_ufc", "cifar100")  # INFER static: 400 epochs, batch 64, padded crop, mixup 0.8, T 30
+    assert (r["preset"], r["protocol"], r["epochs"], r["batch_size"], r["crop"], r["mix"], r["temperature"]) == \
+        ("infer", "static", 400, 64, "pad", "mixup", 30.0)
+    r = dry("infer_ufc", "imagenet")  # not published: DWA's ImageNet recipe with INFER's static labels
+    assert (r["protocol"], r["epochs"], r["batch_size"], r["crop"], r["min_scale"], r["schedule"]) == \
+        ("static", 300, 128, "rrc", 0.08, "cosine")
+    assert dry("d4m", "imagenet")["protocol"] == "rded"  # no stored labels: the online-teacher alternative
+    r = dry("d4m", "imagenet", fkd=True)
+    assert (r["protocol"], r["epochs"], r["schedule"], r["temperature"]) == ("fkd", 300, "cosine", 20.0)
+    r = dry("delt", "digits")  # digits keeps its CPU budget and its teachers' statistics; DELT's augmentation applies
+    assert (r["epochs"], r["rand_augment"], r["min_scale"], r["norm"]) == (40, "rand-m6-n2-mstd1.0", 0.25, "dataset")
+    r = dry("vlcp", "cifar10", "--epochs", "7", "--norm", "dataset")  # explicit flags beat the preset
+    assert (r["epochs"], r["mean"]) == (7, list(common.CIFAR_MEAN))
+    r = dry("vlcp", "cifar10", "--preset", "none")  # the generic RDED protocol
+    assert (r["preset"], r["epochs"], r["preset_source"]) == (None, 300, "--preset none")
+    r = dry("dmkd", "cifar100")
+    assert r["preset"] is None and "made by dmkd" in r["preset_source"] and r["protocol"] == "rded"
+
+
+def test_minimax_test_view_is_the_whole_image():
+    """Minimax tests on Resize(s)+CenterCrop(s); RDED/SRe2L on Resize(s//7*8)+CenterCrop(s)."""
+    from torchvision.transforms import v2 as T
+    import validate_fkd
+    args = validate_fkd.resolve(validate_fkd.build_parser().parse_args(["--dataset", "imagenette", "--protocol", "hard"]))
+    x = torch.rand(3, 240, 300)
+    ref = T.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)(T.CenterCrop(224)(T.Resize(224, antialias=True)(x)))
+    assert args.test_view == "full" and torch.allclose(validate_fkd.val_transform(args)(x), ref, atol=1e-6)
+    args = validate_fkd.resolve(validate_fkd.build_parser().parse_args(["--dataset", "imagenette", "--protocol", "rded"]))
+    ref = T.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)(T.CenterCrop(224)(T.Resize(256, antialias=True)(x)))
+    assert args.test_view == "ratio" and torch.allclose(validate_fkd.val_transform(args)(x), ref, atol=1e-6)
+
+
+def test_lrs_and_paired_ior_match_an_independent_computation():
+    import statistics
+    import validate_fkd
+    e = math.e
+
+    def lrs(ior, hlr, lam):  # DD-Ranking's Eq.: (e^a - e^-1) / (e - e^-1), a = lam IOR - (1 - lam) HLR
+        a = lam * ior - (1 - lam) * hlr
+        return (e ** a - 1 / e) / (e - 1 / e)
+
+    assert math.isclose(validate_fkd.label_robust_score(1.0, 0.0, 1.0), 1.0)  # a = 1: the top
+    assert math.isclose(validate_fkd.label_robust_score(0.0, 1.0, 0.0), 0.0, abs_tol=1e-12)  # a = -1: the floor
+    assert math.isclose(validate_fkd.label_robust_score(0.05, 0.2, 0.5), lrs(0.05, 0.2, 0.5))
+    syn, rand, syn_hard, full = [60.0, 62.0, 58.0], [50.0, 55.0, 59.0], [30.0, 34.0, 33.0], 80.0
+    m = validate_fkd.ddranking_metrics(syn, rand, syn_hard, full, lam=0.3)
+    ior = [10.0, 7.0, -1.0]
+    hlr = [50.0, 46.0, 47.0]
+    assert m["ior"]["per_repeat"] == ior and math.isclose(m["ior"]["std"], statistics.pstdev(ior))
+    assert math.isclose(m["ior"]["mean"], statistics.mean(syn) - statistics.mean(rand))
+    assert m["hlr"]["per_repeat"] == hlr and math.isclose(m["hlr"]["std"], statistics.pstdev(hlr))
+    fractions = [lrs(i / 100, h / 100, 0.3) for i, h in zip(ior, hlr)]
+    assert m["lrs"]["per_repeat"] == pytest.approx(fractions) and 0 < m["lrs"]["mean"] < 1
+    assert math.isclose(m["lrs"]["std"], statistics.pstdev(fractions))
+    points = [lrs(i, h, 0.3) for i, h in zip(ior, hlr)]  # what DD-Ranking 0.2.0's code computes
+    assert m["lrs_ddranking_code"]["per_repeat"] == pytest.approx(points)
+    assert all(abs(p + 1 / e / (e - 1 / e)) < 1e-6 for p in points)  # pinned at its floor, -e^-1/(e - e^-1)
+    assert set(validate_fkd.ddranking_metrics(syn, rand)) == {"ior"}  # without --lrs: IOR only
+
+
+def test_lrs_json_on_digits(digits_set, digits_conv3, tmp_path, monkeypatch):
+    """--lrs end to end: paired IOR, HLR from hard-label students and the full-data student (trained once,
+    cached with its recipe under $DD_CACHE/full_data), LRS both ways, the definitions, all in the JSON."""
+    cache = tmp_path / "cache"
+    teachers = os.path.join(common.cache_dir(), "teachers")
+    shutil.copytree(teachers, cache / "teachers")  # the digits teachers; an empty full_data cache
+    out = str(tmp_path / "lrs.json")
+    cmd = [sys.executable, os.path.join(ROOT, "validate_fkd.py"), "--syn-data-path", digits_set, "--epochs", "1",
+           "--eval-every", "1", "--repeats", "2", "--lrs", "--hard-epochs", "1", "--full-epochs", "1", "--out", out]
+    env = {**os.environ, "DD_CACHE": str(cache)}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.load(open(out))
+    m = rec["metrics"]
+    assert set(m["definitions"]) >= {"ior", "hlr", "lrs", "lrs_ddranking_code"} and m["lambda"] == 0.5
+    syn, rand = [r["best"] for r in rec["runs"]], [r["best"] for r in rec["baseline"]["runs"]]
+    assert [r["seed"] for r in rec["runs"]] == [r["seed"] for r in rec["baseline"]["runs"]] == [0, 1]  # paired seeds
+    assert m["ior"]["per_repeat"] == pytest.approx([s - r for s, r in zip(syn, rand)])
+    hard = [r["best"] for r in m["hard_label"]["runs"]]
+    assert m["hard_label"]["recipe"]["labels"] == "hard" and m["hard_label"]["recipe"]["epochs"] == 1
+    full = m["full_data"]
+    assert full["cached"] is False and full["recipe"]["epochs"] == 1 and full["recipe"]["labels"] == "hard"
+    assert m["hlr"]["per_repeat"] == pytest.approx([full["top1"] - h for h in hard])
+    assert m["lrs"]["mean"] == pytest.approx(sum(validate_fkd_lrs((s - r) / 100, (full["top1"] - h) / 100)
+                                                 for s, r, h in zip(syn, rand, hard)) / 2)
+    cached = json.load(open(full["cache"]))
+    assert str(cache) in full["cache"] and cached["top1"] == full["top1"] and cached["recipe"] == full["recipe"]
+    assert "LRS" in proc.stdout and "DD-Ranking 0.2.0's code would give" in proc.stdout
+    import validate_fkd  # the same dataset, student and recipe again: read from the cache, not trained
+    monkeypatch.setenv("DD_CACHE", str(cache))
+    args = validate_fkd.build_parser().parse_args(["--syn-data-path", digits_set, "--epochs", "1", "--hard-epochs", "1"])
+    h = validate_fkd.hard_label_args(validate_fkd.resolve(args, validate_fkd.choose_preset(args)[0]))
+    again = validate_fkd.full_data_top1(h, None, common.Dist(device="cpu"), 1)  # no test loader: it must not train
+    assert again["cached"] is True and again["top1"] == full["top1"] and again["cache"] == full["cache"]
+
+
+def validate_fkd_lrs(ior, hlr, lam=0.5):
+    return (math.exp(lam * ior - (1 - lam) * hlr) - math.exp(-1)) / (math.e - math.exp(-1))
+
+
+def test_lr_search_selects_on_the_test_set_and_reports_the_winner(digits_set, digits_conv3, tmp_path):
+    out = str(tmp_path / "search.json")
+    proc = run_script("validate_fkd.py", "--syn-data-path", digits_set, "--protocol", "hard", "--epochs", "1",
+                      "--eval-every", "1", "--lr-search", "--baseline", "random", "--out", out)
+    rec = json.load(open(out))
+    import validate_fkd
+    for run in (rec["runs"][0], rec["baseline"]["runs"][0]):
+        tried = run["lr_search"]
+        assert [t["lr"] for t in tried] == list(validate_fkd.LR_GRID)
+        top = max(t["best"] for t in tried)
+        assert run["lr"] == next(t["lr"] for t in tried if t["best"] == top) and run["best"] == top
+    assert rec["lr_search"]["distilled"] == [rec["runs"][0]["lr"]] and rec["lr_search"]["random"] == [rec["baseline"]["runs"][0]["lr"]]
+    assert "test set" in rec["lr_search"]["selected_on"] and rec["recipe"]["lr_search"] == list(validate_fkd.LR_GRID)
+    assert "lr search (selected on the test set)" in proc.stdout

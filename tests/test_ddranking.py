@@ -1,0 +1,93 @@
+"""Evaluating one of our sets with DD-Ranking (ddranking 0.2.0, arXiv 2505.13300).
+
+ddranking 0.2.0 cannot be installed next to this project (it pins numpy<2), so the reader below follows
+its documented formats instead: LabelRobustScoreSoft.compute_metrics(image_tensor=[N,3,H,W] normalised
+images in class-major order with IPC per class, soft_labels=[N,C] teacher logits), or image_path=an
+ImageFolder root; teachers at <teacher_dir>/<dataset>/<model_name>/ckpt_best.pt, a plain state dict loaded
+with load_state_dict (strict) into its ConvNet (features = [conv, norm, ReLU, AvgPool] x depth, classifier)."""
+import argparse
+import json
+import os
+
+import torch
+import torch.nn as nn
+import torchvision
+
+import common
+from conftest import run_script
+
+
+class DDRankingConvNet(nn.Module):
+    """DD-Ranking's ConvNet-D-BN as its documentation describes it: width 128, BatchNorm, ReLU, AvgPool 2."""
+
+    def __init__(self, depth, num_classes, size=32, width=128):
+        super().__init__()
+        layers, c = [], 3
+        for _ in range(depth):
+            layers += [nn.Conv2d(c, width, 3, padding=1), nn.BatchNorm2d(width, affine=True), nn.ReLU(inplace=True),
+                       nn.AvgPool2d(2, 2)]
+            c = width
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(width * (size // 2 ** depth) ** 2, num_classes)
+
+    def forward(self, x):
+        return self.classifier(self.features(x).view(len(x), -1))
+
+
+def test_export_for_ddranking(tmp_path, digits_conv3):
+    x, y = common.digits_split("train")
+    idx = common.random_subset(y.tolist(), 4, 11)
+    out = str(tmp_path / "set")
+    run = common.RunDir(out, argparse.Namespace(method="random", ipc=4, seed=11), common.class_list("digits"))
+    for c in range(10):
+        run.write_class(c, x[idx][y[idx] == c])
+    run.finish()
+    export = str(tmp_path / "for_ddranking")
+    proc = run_script("validate_fkd.py", "--syn-data-path", out, "--export-ddranking", export)
+    assert "DD-Ranking ConvNet-3-BN" in proc.stdout and not any(n.startswith("eval_") for n in os.listdir(out))
+    spec = json.load(open(os.path.join(export, "ddranking.json")))
+    assert (spec["dataset"], spec["ipc"], spec["model_name"], spec["im_size"]) == ("digits", 4, "ConvNet-3-BN", [32, 32])
+    assert spec["teacher_model_names"] == ["ConvNet-3-BN"] and spec["soft_label_mode"] == "S"
+
+    # the teacher: <teacher_dir>/<dataset>/<model_name>/ckpt_best.pt loads strictly into its ConvNet, same outputs
+    ckpt = os.path.join(spec["teacher_dir"], spec["dataset"], spec["model_name"], "ckpt_best.pt")
+    theirs = DDRankingConvNet(3, 10)
+    theirs.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
+    theirs.eval()
+
+    # image_path: torchvision's ImageFolder sees exactly the 10 classes; image_tensor: those images, class-major
+    folder = torchvision.datasets.ImageFolder(spec["image_path"], transform=torchvision.transforms.ToTensor())
+    assert folder.classes == [f"{c:05d}" for c in range(10)] and len(folder) == 40
+    mean, std = spec["images_normalised_with"]["mean"], spec["images_normalised_with"]["std"]
+    pixels = torch.stack([folder[i][0] for i in range(len(folder))])
+    images = torch.load(spec["image_tensor"], weights_only=True)
+    assert images.shape == (40, 3, 32, 32) and images.dtype == torch.float32
+    torch.testing.assert_close(images, torchvision.transforms.Normalize(mean, std)(pixels))
+    hard = torch.arange(10).repeat_interleave(spec["ipc"])  # DD-Ranking's hard labels: IPC copies per class
+    assert torch.equal(torch.tensor([t for _, t in folder.samples]), hard)
+
+    # static soft labels: the teacher's logits on the unaugmented images, row i = image i
+    soft = torch.load(spec["soft_labels"], weights_only=True)
+    with torch.no_grad():
+        ours = digits_conv3(common.normalize(pixels, *spec_norm(spec)))
+        assert torch.allclose(theirs(common.normalize(pixels, *spec_norm(spec))), ours, atol=1e-5)
+    assert soft.shape == (40, 10) and torch.allclose(soft, ours, atol=1e-3)
+    assert (soft.argmax(1) == hard).float().mean() > 0.8  # a real teacher's labels, in the images' order
+
+
+def spec_norm(spec):
+    return spec["teacher_expects"]["mean"], spec["teacher_expects"]["std"]
+
+
+def test_export_refuses_what_ddranking_cannot_read(tmp_path):
+    import pytest
+    import validate_fkd
+    with pytest.raises(common.UserError, match="no architecture matching"):
+        validate_fkd.ddranking_model("mobilenet_v2_cifar")
+    assert validate_fkd.ddranking_model("conv5") == ("ConvNet-5-BN", False)
+    assert validate_fkd.ddranking_model("resnet18_modified") == ("ResNet-18-BN", True)
+    net = common.build_model("resnet18_modified", 10)  # torchvision ResNet-18 keys are DD-Ranking's as they are
+    sd = validate_fkd.ddranking_state_dict(net, "resnet18_modified")
+    assert sd.keys() == net.state_dict().keys()
+    sd = validate_fkd.ddranking_state_dict(common.build_model("conv3", 10), "conv3")
+    assert sd.keys() == DDRankingConvNet(3, 10).state_dict().keys()
