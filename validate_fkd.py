@@ -1,30 +1,42 @@
 """validate_fkd.py: one validator for every distilled set, four label protocols.
 
 A student is trained from scratch on a distilled set (any ImageFolder-layout folder, normally the
-on-disk contract of shared/DESIGN.md) and tested on the dataset's real validation split. The
-protocol fixes where the student's targets come from and the recipe around them:
+collection's on-disk contract) and tested on the dataset's real validation split. The protocol fixes
+where the student's targets come from and the recipe around them:
 
   rded    teacher soft labels computed online on every augmented, cutmixed batch; KL at T=20, no T^2,
-          AdamW, RDED's quarter cosine (RDED / DELT, delt_sre2l_rded_fkd.md §3.1-3.2; VLCP §3.7)
+          AdamW, RDED's quarter cosine, ImageNet statistics (LINs-lab/RDED@3f6453d:validation/main.py;
+          DELT and VLCP evaluate with it)
   fkd     soft labels stored once per (epoch, batch) with crop boxes, flips and mix parameters, replayed
-          exactly (SRe2L relabel §2.5/§3.4, D4M training-time matching d4m_vlcp.md §2.4-2.5)
-  static  one soft label per image (the teachers' mean logits), interpolated linearly under mixup;
-          KL at T=30 (INFER static, infer_dmkd.md §2.2); `--label-mode teacher` is INFER's dynamic (§2.3)
-  hard    cross-entropy on the class labels with cutmix, SGD, step decay (Minimax/IDC, d4m_vlcp.md §3.6)
+          exactly (SRe2L relabel, D4M training-time matching: suduo94/D4M@da35d10:validate/train_FKD.py)
+  static  one soft label per image (the teachers' mean logits), interpolated linearly under mixup; KL at
+          T=30 (INFER's val_static.py); `--label-mode teacher` is INFER's dynamic labels
+  hard    cross-entropy on the class labels with cutmix, SGD, step decay, tested on Resize(s)+CenterCrop(s)
+          (Minimax's train.py, VLCP's ImageNette/Woof/IDC evaluation). This is not DD-Ranking's hard-label
+          evaluation (ConvNet with instance norm, DSA, SGD, 1000 epochs, batch 256, a learning-rate search)
 
-Every value of a preset can be overridden by its flag. `--repeats N` trains N students (seeds
-seed..seed+N-1) and reports mean ± population std of the best and the last evaluation;
-`--baseline random` does the same for random real subsets at the same IPC. The whole recipe and
-the figures go to <set>/eval_<protocol>.json.
+A set gets its own paper's evaluation: `--preset auto` reads the method that made it from its run.json
+and applies that method's official scripts' values (METHOD_PRESETS; e.g. VLCP's RDED runs 500 epochs,
+DELT's adds RandAugment); `--dry-run` prints the resolved recipe and which preset was applied. Every
+value can be overridden by its flag. `--repeats N` trains N students (seeds seed..seed+N-1) and reports
+mean ± population std of the best and the last evaluation; `--baseline random` does the same for random
+real subsets at the same IPC and reports the improvement over random (IOR) paired per repeat; `--lrs`
+adds DD-Ranking's hard-label recovery (HLR, against a full-real-data student trained once and cached)
+and label-robust score (LRS, on fractions; DD-Ranking 0.2.0's percentage-point value beside it).
+Everything goes to <set>/eval_<protocol>.json with the definitions. `--export-ddranking DIR` writes the
+set in DD-Ranking's formats instead.
 
-  python validate_fkd.py --syn-data-path runs/delt_digits_ipc10 --protocol rded --repeats 3 --baseline random
+  python validate_fkd.py --syn-data-path runs/delt_digits_ipc10 --repeats 3 --baseline random
+  python validate_fkd.py --syn-data-path runs/delt_digits_ipc10 --repeats 3 --lrs --dry-run
   python validate_fkd.py --dataset cifar100 --data-path data/cifar --syn-data-path SET --protocol static --teacher-path T
   torchrun --nproc_per_node 8 validate_fkd.py --dataset imagenet --data-path /data/imagenet --syn-data-path SET --protocol fkd
 
 Deliberate deviations from the official evaluation code: the reported "best" is kept (as all repos
 report it) but the last epoch is always reported beside it; CutMix does not mutate the batch that
 another forward sees, and no extra student forward updates BN statistics (RDED/DELT's train-accuracy
-pass); numpy is seeded too; digits evaluation switches flips off (digits are not mirror-symmetric).
+pass); numpy is seeded too; digits evaluation switches flips off (digits are not mirror-symmetric);
+LRS is computed on fractions (DD-Ranking 0.2.0's code uses percentage points); `--lr-search` (DD-Ranking's
+selection on the test set) is off by default.
 """
 import argparse
 import copy
