@@ -29,7 +29,7 @@ Deliberate deviations from the official code (§6.1):
     of crashing (IPC close to the class size); ties in score are broken by dataset index;
   * everything is seeded (crops, flips, jitter, noise init, random selection), per batch/class so
     that results do not depend on how many processes share the work;
-  * images are saved as rounded PNG (official: truncated JPEG q75; --format jpg for JPEG);
+  * images are saved as rounded PNG by default (official: JPEG q75 of truncated pixels: --format jpg);
   * the "best image" bookkeeping (a clone per step, compared with a constant) is dropped, the last
     iterate is saved as the official code effectively does; --round-lr-reset (dead) and
     --min-iterations (unused by every script, unseeded) are not implemented;
