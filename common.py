@@ -143,14 +143,21 @@ def class_list(dataset, data_path=None):
         return [{"index": i, "name": str(i), "id": str(i)} for i in range(10)]
     if dataset in ("cifar10", "cifar100"):
         names = _cifar(dataset, data_path, train=True).classes
-        return [{"index": i, "name": n, "id": n} for i, n in enumerate(names)]
+        # prompts read "aquarium fish", as the official prompt files do (D4M label-prompt/cifar-100.txt)
+        return [{"index": i, "name": n.replace("_", " "), "id": n} for i, n in enumerate(names)]
     _, wnids = _folder_root(dataset, data_path, "train")
     known = imagenet_names()
     words = os.path.join(data_path, "words.txt")  # Tiny-ImageNet's own wnid -> name table
     if os.path.isfile(words):
         with open(words) as f:
             known.update(line.rstrip("\n").split("\t", 1) for line in f if "\t" in line)
+    known.update(DISTINCT_NAMES)
     return [{"index": i, "name": known.get(w, w), "id": w} for i, w in enumerate(wnids)]
+
+
+# ImageNet's two "crane" classes share one name in timm's table (and in HF's IMAGENET2012_CLASSES that
+# VLCP uses): give each its own, as D4M's imagenet_classes.txt does (there swapped: the bird at 517).
+DISTINCT_NAMES = {"n02012849": "crane, bird", "n03126707": "crane, machine"}
 
 
 def _cifar(dataset, data_path, train):
@@ -360,10 +367,12 @@ def build_model(arch, num_classes, size=32):
 
 
 # --- the small CIFAR nets INFER uses (kuangliu-style, infer_dmkd.md §2.4) and ResNetAP (Minimax, d4m_vlcp.md §3.6) ---
-def conv_bn(cin, cout, k=1, stride=1, groups=1, act=None):
-    """Conv (no bias: the BN that follows has its own shift) + BN [+ activation]."""
-    layers = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
-    return nn.Sequential(*layers, act) if act is not None else nn.Sequential(*layers)
+# The three CIFAR nets carry the module names of the official definitions (UFC@83d19f8:models/
+# {mobilenetv2,efficientnet,shufflenet}.py, from kuangliu/pytorch-cifar): conv1/bn1, layers (layer1-3
+# for ShuffleNet), linear, and conv1..bn3/shortcut/se inside a block, so that the official
+# DataParallel checkpoints ("module." prefix, stripped by load_state) load as they are.
+def _bn(c):
+    return nn.BatchNorm2d(c)
 
 
 # ---------------------------------------------------------------- MobileNetV2 (CIFAR)
@@ -371,16 +380,20 @@ class InvertedResidual(nn.Module):
     def __init__(self, cin, cout, expansion, stride):
         super().__init__()
         mid = expansion * cin
+        self.stride = stride
         # kuangliu runs the 1x1 expansion even when expansion == 1 (the 16-ch block).
-        self.body = nn.Sequential(conv_bn(cin, mid, 1, act=nn.ReLU(inplace=True)),
-                                  conv_bn(mid, mid, 3, stride, groups=mid, act=nn.ReLU(inplace=True)),
-                                  conv_bn(mid, cout, 1))  # linear bottleneck: no activation
+        self.conv1, self.bn1 = nn.Conv2d(cin, mid, 1, bias=False), _bn(mid)
+        self.conv2, self.bn2 = nn.Conv2d(mid, mid, 3, stride, 1, groups=mid, bias=False), _bn(mid)
+        self.conv3, self.bn3 = nn.Conv2d(mid, cout, 1, bias=False), _bn(cout)  # linear bottleneck
         # Every stride-1 block gets a residual; channel changes use a 1x1 conv + BN shortcut.
-        self.shortcut = None if stride != 1 else (nn.Identity() if cin == cout else conv_bn(cin, cout, 1))
+        self.shortcut = (nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), _bn(cout))
+                         if stride == 1 and cin != cout else nn.Sequential())
 
     def forward(self, x):
-        out = self.body(x)
-        return out if self.shortcut is None else out + self.shortcut(x)
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return out + self.shortcut(x) if self.stride == 1 else out
 
 
 class MobileNetV2Cifar(nn.Module):
@@ -391,46 +404,55 @@ class MobileNetV2Cifar(nn.Module):
 
     def __init__(self, num_classes=10):
         super().__init__()
-        layers, cin = [conv_bn(3, 32, 3, act=nn.ReLU(inplace=True))], 32
+        self.conv1, self.bn1 = nn.Conv2d(3, 32, 3, 1, 1, bias=False), _bn(32)
+        blocks, cin = [], 32
         for t, c, n, s in self.cfg:
             for i in range(n):
-                layers.append(InvertedResidual(cin, c, t, s if i == 0 else 1))
+                blocks.append(InvertedResidual(cin, c, t, s if i == 0 else 1))
                 cin = c
-        layers.append(conv_bn(320, 1280, 1, act=nn.ReLU(inplace=True)))
-        # Adaptive pooling == the original avg_pool2d(4) at 32 px, and also works at 64 px.
-        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.classifier = nn.Linear(1280, num_classes)
+        self.layers = nn.Sequential(*blocks)
+        self.conv2, self.bn2 = nn.Conv2d(320, 1280, 1, bias=False), _bn(1280)
+        self.linear = nn.Linear(1280, num_classes)
 
     def forward(self, x):
-        return self.classifier(self.features(x))
+        out = self.layers(F.relu(self.bn1(self.conv1(x))))
+        out = F.relu(self.bn2(self.conv2(out)))
+        # Adaptive pooling == the original avg_pool2d(4) at 32 px, and also works at 64 px.
+        return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
 # ---------------------------------------------------------------- EfficientNet-B0 (CIFAR)
 class SqueezeExcite(nn.Module):
     def __init__(self, channels, se_channels):
         super().__init__()
-        self.gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, se_channels, 1), nn.SiLU(),
-                                  nn.Conv2d(se_channels, channels, 1), nn.Sigmoid())
+        self.se1, self.se2 = nn.Conv2d(channels, se_channels, 1), nn.Conv2d(se_channels, channels, 1)
 
     def forward(self, x):
-        return x * self.gate(x)
+        return x * self.se2(F.silu(self.se1(F.adaptive_avg_pool2d(x, 1)))).sigmoid()
 
 
 class MBConv(nn.Module):
     def __init__(self, cin, cout, k, stride, expansion):
         super().__init__()
         mid = expansion * cin
-        # kuangliu builds (but never runs) an expand conv/BN when expansion == 1; we omit it
-        # so no dead BN layer confuses BatchNorm-statistics hooks.
-        expand = [conv_bn(cin, mid, 1, act=nn.SiLU())] if expansion != 1 else []
-        self.body = nn.Sequential(*expand, conv_bn(mid, mid, k, stride, groups=mid, act=nn.SiLU()),
-                                  SqueezeExcite(mid, int(cin * 0.25)),  # SE width from *input* channels
-                                  conv_bn(mid, cout, 1))
+        self.expansion = expansion
+        # kuangliu builds the expand conv/BN even when expansion == 1 and never runs it: kept so that
+        # the official state dict loads; frozen so DDP sees no unused trainable parameter (the BN
+        # hook sums only the layers that fired, so this BN never enters the BN loss).
+        self.conv1, self.bn1 = nn.Conv2d(cin, mid, 1, bias=False), _bn(mid)
+        if expansion == 1:
+            self.conv1.requires_grad_(False)
+            self.bn1.requires_grad_(False)
+        self.conv2, self.bn2 = nn.Conv2d(mid, mid, k, stride, k // 2, groups=mid, bias=False), _bn(mid)
+        self.se = SqueezeExcite(mid, int(cin * 0.25))  # SE width from *input* channels
+        self.conv3, self.bn3 = nn.Conv2d(mid, cout, 1, bias=False), _bn(cout)
         # Drop-connect omitted: its rate is 0 in the reference (block counter never advances).
         self.residual = stride == 1 and cin == cout
 
     def forward(self, x):
-        out = self.body(x)
+        out = x if self.expansion == 1 else F.silu(self.bn1(self.conv1(x)))
+        out = self.se(F.silu(self.bn2(self.conv2(out))))
+        out = self.bn3(self.conv3(out))
         return out + x if self.residual else out
 
 
@@ -441,16 +463,19 @@ class EfficientNetB0Cifar(nn.Module):
 
     def __init__(self, num_classes=10):
         super().__init__()
-        layers, cin = [conv_bn(3, 32, 3, act=nn.SiLU())], 32  # stride-1 stem for 32 px input
+        self.conv1, self.bn1 = nn.Conv2d(3, 32, 3, 1, 1, bias=False), _bn(32)  # stride-1 stem for 32 px input
+        blocks, cin = [], 32
         for n, t, c, k, s in self.cfg:
             for i in range(n):
-                layers.append(MBConv(cin, c, k, s if i == 0 else 1, t))
+                blocks.append(MBConv(cin, c, k, s if i == 0 else 1, t))
                 cin = c
-        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(320, num_classes))
+        self.layers = nn.Sequential(*blocks)
+        self.linear = nn.Linear(320, num_classes)
 
     def forward(self, x):
-        return self.classifier(self.features(x))
+        out = self.layers(F.silu(self.bn1(self.conv1(x))))
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.linear(F.dropout(out, 0.2, self.training))
 
 
 # ---------------------------------------------------------------- ShuffleNet v1, g=2 (CIFAR)
@@ -471,33 +496,39 @@ class ShuffleBottleneck(nn.Module):
         super().__init__()
         mid = cout // 4
         g = 1 if cin == 24 else groups  # the stem output (24 ch) is too thin to group
-        self.body = nn.Sequential(conv_bn(cin, mid, 1, groups=g, act=nn.ReLU(inplace=True)), ChannelShuffle(g),
-                                  conv_bn(mid, mid, 3, stride, groups=mid, act=nn.ReLU(inplace=True)),
-                                  conv_bn(mid, cout, 1, groups=groups))
+        self.stride = stride
+        self.conv1, self.bn1 = nn.Conv2d(cin, mid, 1, groups=g, bias=False), _bn(mid)
+        self.shuffle1 = ChannelShuffle(g)
+        self.conv2, self.bn2 = nn.Conv2d(mid, mid, 3, stride, 1, groups=mid, bias=False), _bn(mid)
+        self.conv3, self.bn3 = nn.Conv2d(mid, cout, 1, groups=groups, bias=False), _bn(cout)
         # Stride-2 blocks concatenate an avg-pooled copy of the input instead of adding it.
-        self.pool = nn.AvgPool2d(3, stride=2, padding=1) if stride == 2 else None
-        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = nn.Sequential(nn.AvgPool2d(3, stride=2, padding=1)) if stride == 2 else nn.Sequential()
 
     def forward(self, x):
-        out = self.body(x)
-        out = torch.cat([out, self.pool(x)], 1) if self.pool is not None else out + x
-        return self.relu(out)
+        out = self.shuffle1(F.relu(self.bn1(self.conv1(x))))
+        out = self.bn3(self.conv3(F.relu(self.bn2(self.conv2(out)))))
+        res = self.shortcut(x)
+        return F.relu(torch.cat([out, res], 1) if self.stride == 2 else out + res)
 
 
 class ShuffleNetG2(nn.Module):
     def __init__(self, num_classes=10, out_planes=(200, 400, 800), num_blocks=(4, 8, 4), groups=2):
         super().__init__()
-        layers, cin = [conv_bn(3, 24, 1, act=nn.ReLU(inplace=True))], 24
-        for c, n in zip(out_planes, num_blocks):
+        self.conv1, self.bn1 = nn.Conv2d(3, 24, 1, bias=False), _bn(24)
+        cin = 24
+        for stage, (c, n) in enumerate(zip(out_planes, num_blocks), 1):
+            blocks = []
             for i in range(n):
                 # First block: stride 2, conv branch makes c - cin channels, concat restores c.
-                layers.append(ShuffleBottleneck(cin, c - cin if i == 0 else c, 2 if i == 0 else 1, groups))
+                blocks.append(ShuffleBottleneck(cin, c - cin if i == 0 else c, 2 if i == 0 else 1, groups))
                 cin = c
-        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.classifier = nn.Linear(out_planes[-1], num_classes)
+            setattr(self, f"layer{stage}", nn.Sequential(*blocks))
+        self.linear = nn.Linear(out_planes[-1], num_classes)
 
     def forward(self, x):
-        return self.classifier(self.features(x))
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
 # ---------------------------------------------------------------- ResNetAP (IDC protocol)
@@ -574,8 +605,10 @@ def classifier_input(model, x):
 # ----------------------------------------------------------------------------------------------
 def load_state(model, path, what="checkpoint"):
     """Load the checkpoint formats the papers ship into `model`: a bare state dict or one under
-    "model"/"state_dict"/"net", keys with a DataParallel "module." prefix, and RDED's classifier that
-    was built 1000-way and sliced to the first C rows. Always weights_only=True."""
+    "model"/"state_dict"/"net", keys with a DataParallel "module." prefix, the official key layouts
+    (UFC's kuangliu-style CIFAR nets by module name; RDED/DELT's and DD-Ranking's ConvNet renamed by
+    convnet_keys), and RDED's classifier that was built 1000-way and sliced to the first C rows.
+    Always weights_only=True."""
     if not os.path.isfile(path):
         raise UserError(f"{what} {path} does not exist")
     try:
@@ -587,6 +620,8 @@ def load_state(model, path, what="checkpoint"):
             sd = sd[key]
             break
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    if isinstance(model, ConvNet):
+        sd = convnet_keys(sd)
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -608,6 +643,19 @@ def load_state(model, path, what="checkpoint"):
     return model
 
 
+def convnet_keys(sd):
+    """A ConvNet state dict in any of the layouts in use, renamed to ours (features.N, fc.*):
+    RDED/DELT's released teachers (layers.conv.d, layers.norm.d, classifier.*; LINs-lab/RDED@31f9117:
+    synthesize/models.py) and DD-Ranking's (ours with classifier.* for fc.*). The modules are the
+    same, so the outputs are identical."""
+    def rename(k):
+        parts = k.split(".")
+        if parts[0] == "layers" and len(parts) > 3 and parts[1] in ("conv", "norm") and parts[2].isdigit():
+            return f"features.{4 * int(parts[2]) + (parts[1] == 'norm')}." + ".".join(parts[3:])
+        return "fc." + k[len("classifier."):] if k.startswith("classifier.") else k
+    return {rename(k): v for k, v in sd.items()}
+
+
 def _classifier_keys(state):
     weights = [k for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
     w = weights[-1] if weights else None
@@ -621,6 +669,19 @@ def freeze(model):
     return model
 
 
+# torchvision ImageNet-1K weights, named as the official code loads them: `pretrained=True` (DELT/RDED
+# evaluation, DM-KD), weights='DEFAULT' on resnet18 (DELT recover, D4M; V1 is its only weight) and
+# explicit IMAGENET1K_V1 (UFC ufc_imgnet.py:208-225) all mean V1. weights="DEFAULT" would give V2 for
+# ResNet-50/101 and MobileNetV2 (stronger teachers than the papers had).
+PRETRAINED = {"resnet18": "IMAGENET1K_V1", "resnet50": "IMAGENET1K_V1", "resnet101": "IMAGENET1K_V1",
+              "mobilenet_v2": "IMAGENET1K_V1", "efficientnet_b0": "IMAGENET1K_V1"}
+
+
+def pretrained_weights(arch):
+    """The torchvision weights enum member a pretrained `arch` teacher uses (nothing is downloaded)."""
+    return torchvision.models.get_model_weights(arch)[PRETRAINED[arch]]
+
+
 def load_teacher(arch, dataset, path=None, data_path=None, seed=0, device="cpu"):
     """A frozen eval-mode teacher: `path` if given; torchvision pretrained weights for `imagenet`;
     for `digits` one trained on first use and cached; otherwise a clear request for --teacher-path."""
@@ -630,15 +691,68 @@ def load_teacher(arch, dataset, path=None, data_path=None, seed=0, device="cpu")
         load_state(model, path, "teacher checkpoint")
     elif dataset == "digits":
         model = digits_teacher(arch, seed)
-    elif dataset == "imagenet" and arch in ("resnet18", "resnet50", "resnet101", "mobilenet_v2", "efficientnet_b0"):
+    elif dataset == "imagenet" and arch in PRETRAINED:
         try:
-            model = torchvision.models.get_model(arch, weights="DEFAULT")
+            model = torchvision.models.get_model(arch, weights=pretrained_weights(arch))
         except Exception as e:
             raise UserError(f"cannot fetch torchvision's pretrained {arch} weights ({e.__class__.__name__}); "
                             f"download them elsewhere and pass the file with --teacher-path") from e
     else:
         raise UserError(f"no pretrained {arch} teacher is known for {dataset}; pass its checkpoint with --teacher-path")
     return freeze(model).to(device)
+
+
+def checkpoint_norm(path):
+    """What input normalisation a checkpoint expects, when it says so: (mean, std, why) or None.
+    A dict with "mean" and "std" entries says it outright; a ConvNet in RDED/DELT's key layout
+    (layers.conv.d) was trained by RDED, which normalises with ImageNet statistics on every dataset
+    (LINs-lab/RDED@31f9117:synthesize/utils.py, validation/main.py)."""
+    if not path or not os.path.isfile(path):
+        return None
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            return None  # load_state reports an unreadable file in one sentence
+    if not isinstance(sd, dict):
+        return None
+    if "mean" in sd and "std" in sd:
+        return tuple(map(float, sd["mean"])), tuple(map(float, sd["std"])), f"recorded in {path}"
+    for key in ("model", "state_dict", "net"):
+        if isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    if any(k.removeprefix("module.").startswith("layers.conv.") for k in sd):
+        return IMAGENET_MEAN, IMAGENET_STD, f"ImageNet statistics: {path} is in RDED's ConvNet layout"
+    return None
+
+
+def resolve_norm(dataset, teacher_paths=(), mean=None, std=None, norm="auto", default=None):
+    """The (mean, std, source) the teacher's inputs are normalised with. --mean/--std beat everything;
+    norm "imagenet"/"dataset" forces a choice; "auto" takes what the checkpoints say (checkpoint_norm)
+    and else the dataset's statistics (`default`: (mean, std, why) of a method's own constants)."""
+    info = dataset_info(dataset)
+    base = default or (info.mean, info.std, f"{dataset} statistics")
+    if norm == "imagenet":
+        base = (IMAGENET_MEAN, IMAGENET_STD, "ImageNet statistics (--norm imagenet)")
+    elif norm == "auto":
+        said = {}
+        for p in [p for p in teacher_paths if p]:
+            hint = checkpoint_norm(p)
+            if hint:
+                said.setdefault(hint[:2], hint)
+        if len(said) > 1:
+            raise UserError("the teacher checkpoints expect different input normalisations "
+                            f"({'; '.join(h[2] for h in said.values())}): pass --mean and --std")
+        base = next(iter(said.values()), base)
+    elif norm != "dataset":
+        raise UserError(f"unknown normalisation rule {norm!r}: auto, dataset or imagenet")
+    if mean is None and std is None:
+        return tuple(base[0]), tuple(base[1]), base[2]
+    return (tuple(mean or base[0]), tuple(std or base[1]),
+            "--mean/--std" if mean and std else f"--{'mean' if mean else 'std'} with {base[2]}")
 
 
 def cache_dir():
@@ -851,7 +965,7 @@ def device_name(device):
 
 # args that change how a run executes but not what it produces: a rerun may differ in them
 VOLATILE_ARGS = {"eval", "device", "overwrite", "workers", "out", "eval_protocol", "eval_repeats",
-                 "eval_epochs", "format"}
+                 "eval_epochs"}
 
 
 class RunDir:
@@ -964,12 +1078,23 @@ class RunDir:
         save_preview(self.out)
 
 
+JPEG_QUALITY = 75  # PIL's default, which the official DELT/SRe2L/RDED/INFER save_images rely on
+
+
 def save_images(images, paths):
-    """Images [n,3,H,W] in [0,1] -> 8-bit files (rounded, not truncated); PNG or JPEG by suffix."""
+    """Images [n,3,H,W] in [0,1] -> 8-bit files by suffix. PNG (the collection's default): rounded,
+    lossless. JPEG (--format jpg): the official saving, truncated to uint8 ((x*255).astype(uint8))
+    and written at quality 75 (e.g. VILA-Lab/DELT@f2f81ca:recover/recover.py save_images)."""
     from PIL import Image
-    arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    for a, p in zip(arr, paths):
-        Image.fromarray(a).save(p)
+    x = images.detach().float().clamp(0, 1) * 255
+    jpeg = [p.lower().endswith((".jpg", ".jpeg")) for p in paths]
+    rounded = x.round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy() if not all(jpeg) else None
+    truncated = x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy() if any(jpeg) else None  # float->uint8 truncates
+    for i, (p, j) in enumerate(zip(paths, jpeg)):
+        if j:
+            Image.fromarray(truncated[i]).save(p, quality=JPEG_QUALITY)
+        else:
+            Image.fromarray(rounded[i]).save(p)
 
 
 def save_preview(out, classes=10, per_class=8):
@@ -997,7 +1122,8 @@ def add_generic_args(parser, ipc=10, out=None):
     g.add_argument("--seed", type=int, default=0, help="seeds python, numpy and torch")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes")
-    g.add_argument("--format", default="png", choices=("png", "jpg"), help="image file format")
+    g.add_argument("--format", default="png", choices=("png", "jpg"),
+                   help="png: lossless, rounded; jpg: the official saving (JPEG quality 75 of truncated pixels)")
     g.add_argument("--overwrite", action="store_true", help="replace an output folder that holds a different run")
     g.add_argument("--eval", action="store_true", help="evaluate the distilled set with validate_fkd.py at the end")
     return g

@@ -336,9 +336,10 @@ def main(argv=None):
         images, _ = common.load_image_set(args.out, classes)
         teacher = common.load_teacher(args.teacher, args.dataset, args.teacher_path, args.data_path, device=d.device)
         size = common.input_size(args.dataset, args.teacher)
+        mean, std, norm_source = common.resolve_norm(args.dataset, [args.teacher_path])  # what the checkpoint expects
         # the labels are files in the set's root (fkd_epoch_XXXX.pt, fkd_meta.json): ImageFolder(out) sees only classes
         fkd = dict(teacher=teacher, out_dir=args.out, batch_size=args.ttm_batch_size, size=size,
-                   mean=info.mean, std=info.std, mix="cutmix", alpha=1.0, min_scale=0.08, flip=True,
+                   mean=mean, std=std, mix="cutmix", alpha=1.0, min_scale=0.08, flip=True,
                    seed=42 + args.seed, device=d.device)  # official fkd_seed 42, cutmix Beta(1,1), RRC 0.08-1
         missing = [e for e in range(args.ttm_epochs) if not os.path.isfile(common.fkd_path(args.out, f"epoch_{e:04d}.pt"))]
         with run.stage("ttm", items=args.ttm_epochs * len(images)) if missing else nullcontext():
@@ -348,6 +349,7 @@ def main(argv=None):
             if d.main:  # every epoch file exists now: this only writes meta.json for all epochs
                 common.fkd_generate(images, epochs=args.ttm_epochs, **fkd)
         run.record["ttm"] = {"teacher": args.teacher, "teacher_path": args.teacher_path, "input_size": size,
+                             "mean": list(mean), "std": list(std), "normalisation": norm_source,
                              "epochs": args.ttm_epochs, "batch_size": args.ttm_batch_size}
         common.barrier()
 

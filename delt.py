@@ -22,13 +22,14 @@ optimised to the end, so early images are fully optimised and late ones stay clo
 Deliberate deviations from the official code (§6.1):
   * one script does ranking, selection, recover and evaluation; the ranking CSV lives in the output
     folder (or --ranking-file) and is reused; selection indexes images, it does not copy files;
-  * the teacher's own normalisation is used for ranking and recover alike (official ranking always
-    uses ImageNet statistics, recover the dataset's; --norm imagenet for RDED's checkpoints);
+  * the teacher's own normalisation is used for ranking, recover and evaluation alike (official ranking
+    and evaluation always use ImageNet statistics, recover the dataset's): by default what the checkpoint
+    expects (RDED's ConvNet layout: ImageNet), else the dataset's; --norm imagenet for RDED's ResNets;
   * medium selection keeps the official spiral order but skips indices past the class end instead
     of crashing (IPC close to the class size); ties in score are broken by dataset index;
   * everything is seeded (crops, flips, jitter, noise init, random selection), per batch/class so
     that results do not depend on how many processes share the work;
-  * images are saved as rounded PNG (official: truncated JPEG q75; --format jpg for JPEG);
+  * images are saved as rounded PNG by default (official: JPEG q75 of truncated pixels: --format jpg);
   * the "best image" bookkeeping (a clone per step, compared with a constant) is dropped, the last
     iterate is saved as the official code effectively does; --round-lr-reset (dead) and
     --min-iterations (unused by every script, unseeded) are not implemented;
@@ -68,7 +69,7 @@ DEFAULTS = dict(
     round_itr=500,             # official script (ROUND_ITR=500)
     selection="medium",        # D:data_selection.py, the "medium_prob" init of the scripts
     init="real",               # DELT initialises from the selected real images
-    norm="dataset",
+    norm="auto",               # what the teacher checkpoint expects (common.resolve_norm), else the dataset's
     eval=False,
 )
 PRESETS = {
@@ -98,8 +99,11 @@ def build_parser():
     g = p.add_argument_group("teacher")
     g.add_argument("--teacher", default=None, help="teacher architecture (common.ARCHS); ranks and recovers")
     g.add_argument("--teacher-path", default=None, help="teacher checkpoint (RDED/torchvision formats)")
-    g.add_argument("--norm", default=None, choices=("dataset", "imagenet"),
-                   help="input normalisation of the teacher (RDED's released teachers expect imagenet)")
+    g.add_argument("--norm", default=None, choices=("auto", "dataset", "imagenet"),
+                   help="input normalisation of the teacher; auto: what the checkpoint expects (RDED's ConvNet "
+                        "layout: imagenet), else the dataset's. RDED's ResNet checkpoints expect imagenet")
+    g.add_argument("--mean", type=float, nargs=3, default=None, help="explicit normalisation mean (beats --norm)")
+    g.add_argument("--std", type=float, nargs=3, default=None, help="explicit normalisation std (beats --norm)")
     g = p.add_argument_group("ranking and selection (§1.1)")
     g.add_argument("--selection", default=None, choices=("medium", "top", "min", "random"),
                    help="which real images initialise each class (DELT: medium)")
@@ -260,10 +264,31 @@ def batch_augment(x, rng, min_scale, jitter):
 
 @torch.no_grad()
 def full_batch_losses(teacher, hook, x, y, device):
-    """CE and BN-statistics loss of all images of a batch, unaugmented (before/after recover)."""
+    """CE and BN-statistics loss of all images of a batch, unaugmented (before/after recover). Recover
+    optimises augmented views, so the unaugmented BN loss may rise while the objective falls."""
     with common.autocast(device):
         logits = teacher(x)
     return F.cross_entropy(logits.float(), y).item(), float(hook.loss())
+
+
+def recover_views(key, total, args, n=8):
+    """n augmentation draws spread over the crop curriculum of a batch's T (t = 0, T/n, ...): a seed
+    for batch_augment's RNG and the lower crop scale at that t."""
+    return [(f"{key}-view{k}", crop_min_scale(k * total // n, total, args.crop_schedule, args.milestone))
+            for k in range(n)]
+
+
+@torch.no_grad()
+def objective_on_views(teacher, hook, x, y, views, args, device):
+    """The recover objective CE + r_bn * BN, averaged over the same views (crop, flip, roll drawn
+    from each view's seed) for any x: how the final images score against the initial ones."""
+    total = 0.0
+    for seed, min_scale in views:
+        xs = batch_augment(x, random.Random(seed), min_scale, args.jitter)
+        with common.autocast(device):
+            logits = teacher(xs)
+        total += F.cross_entropy(logits.float(), y).item() + args.r_bn * float(hook.loss())
+    return total / len(views)
 
 
 def early_late_recover(teacher, hook, x0, y, group, sched, args, rng, mean, std, device):
@@ -386,8 +411,7 @@ def main(argv=None):
     args.out = args.out or os.path.join("runs", f"delt_{args.dataset}_ipc{args.ipc}")
     d = common.dist_setup(args.device)
     common.seed_everything(args.seed)
-    info = common.dataset_info(args.dataset)
-    mean, std = (info.mean, info.std) if args.norm == "dataset" else (common.IMAGENET_MEAN, common.IMAGENET_STD)
+    mean, std, norm_source = common.resolve_norm(args.dataset, [args.teacher_path], args.mean, args.std, args.norm)
     size = common.input_size(args.dataset, args.teacher)
     classes = common.class_list(args.dataset, args.data_path)
     train = common.real_dataset(args.dataset, args.data_path, "train",
@@ -414,6 +438,9 @@ def main(argv=None):
                         extra_artefacts=("ranking.csv", "eval_rded.json",
                                          *(f"delt_stats_rank{r}.jsonl" for r in range(1024))),
                         ignore=("eval_student", "eval_epochs", "eval_repeats"))
+    run.record["normalisation"] = {"mean": list(mean), "std": list(std), "source": norm_source}
+    if d.main:
+        print(f"teacher inputs normalised with mean {mean} std {std} ({norm_source})")
     identity = json.loads(json.dumps(run.identity))
     stats_file = open_stats(args.out, d.rank, identity)
 
@@ -477,19 +504,25 @@ def main(argv=None):
             y_dev, x0_dev = y.to(d.device), x0.to(d.device)
             rng = random.Random(f"delt-{args.seed}-{batch[0][0]}-{batch[0][1]}")
             before = full_batch_losses(teacher, hook, x0_dev, y_dev, d.device)
+            views = recover_views(f"delt-{args.seed}-{b}", (sched["rounds"] - int(group_of_rank[[k for _, k in batch]].min()))
+                                  * sched["round_itr"], args)
+            obj_before = objective_on_views(teacher, hook, x0_dev, y_dev, views, args, d.device)
             t1 = time.time()
             x, rec = early_late_recover(teacher, hook, x0_dev, y_dev, group_of_rank[[k for _, k in batch]],
                                         sched, args, rng, mean, std, d.device)
             loop_s = time.time() - t1  # the traces' .tolist() inside has synchronised the device
             after = full_batch_losses(teacher, hook, x, y_dev, d.device)
+            obj_after = objective_on_views(teacher, hook, x, y_dev, views, args, d.device)
             seconds = time.time() - t0
             rec.update(batch=b, classes=sorted(set(y.tolist())), images=len(batch), seconds=round(seconds, 3),
                        ms_per_iteration=round(1000 * loop_s / rec["iterations"], 3),
-                       ce_before=before[0], bn_before=before[1], ce_after=after[0], bn_after=after[1])
+                       ce_before=before[0], bn_before=before[1], ce_after=after[0], bn_after=after[1],
+                       objective_views_before=obj_before, objective_views_after=obj_after)
             log_stats("batch", b, rec)
             print(f"batch {n + 1}/{len(todo)} classes {rec['classes'][0]}-{rec['classes'][-1]} T {rec['iterations']} "
-                  f"image-its {rec['image_iterations']} bn {before[1]:.3f}->{after[1]:.3f} ce {before[0]:.3f}->"
-                  f"{after[0]:.3f} {seconds:.1f}s ({rec['ms_per_iteration']:.1f} ms/it)", flush=True)
+                  f"image-its {rec['image_iterations']} objective on {len(views)} recover views {obj_before:.3f}->"
+                  f"{obj_after:.3f} (unaugmented: bn {before[1]:.3f}->{after[1]:.3f} ce {before[0]:.3f}->"
+                  f"{after[0]:.3f}) {seconds:.1f}s ({rec['ms_per_iteration']:.1f} ms/it)", flush=True)
             for i, (c, k) in enumerate(batch):
                 finals.setdefault(c, {})[k], inits.setdefault(c, {})[k] = x[i].cpu(), x0[i]
                 if len(finals[c]) < args.ipc:
@@ -522,6 +555,11 @@ def main(argv=None):
             "ms_per_iteration_mean": mean_of(s["ms_per_iteration"] for s in bstats),
             "bn_loss_before": mean_of(s["bn_before"] for s in bstats), "bn_loss_after": mean_of(s["bn_after"] for s in bstats),
             "ce_before": mean_of(s["ce_before"] for s in bstats), "ce_after": mean_of(s["ce_after"] for s in bstats),
+            "objective_on_recover_views": {
+                "what": "CE + r_bn * BN loss of the initial and the final images on the same 8 augmented views per "
+                        "batch, spread over the crop curriculum (the unaugmented bn/ce above are not what recover optimises)",
+                "before": mean_of(s["objective_views_before"] for s in bstats),
+                "after": mean_of(s["objective_views_after"] for s in bstats)},
             "diversity": {"metric": "within-class mean pairwise cosine similarity of the teacher's penultimate "
                                     "features (spec §5.4; lower = more diverse)",
                           "initial_mean": div_i, "final_mean": div_f,
@@ -538,7 +576,8 @@ def main(argv=None):
         import validate_fkd
         student = args.eval_student or args.teacher
         cmd = ["--syn-data-path", args.out, "--dataset", args.dataset, "--protocol", "rded", "--ipc", str(args.ipc),
-               "--teacher", args.teacher, "--student", student, "--norm", args.norm, "--repeats", str(args.eval_repeats),
+               "--teacher", args.teacher, "--student", student, "--mean", *map(str, mean), "--std", *map(str, std),
+               "--repeats", str(args.eval_repeats),
                "--rand-augment", "rand-m6-n2-mstd1.0", "--min-scale", "0.25", "--factor", "1",
                "--baseline", "random", "--seed", str(args.seed), "--device", args.device]
         cmd += ["--data-path", args.data_path] if args.data_path else []
@@ -556,7 +595,9 @@ def main(argv=None):
         rd = run.record["delt"]
         line = (f"delt: {args.dataset} ipc {args.ipc} -> {args.out} | recover {run.record['stages']['recover']['seconds']:.0f}s, "
                 f"{rd['image_iterations']} image-its ({rd['image_iterations'] / (len(classes) * args.ipc * args.iterations):.1%} "
-                f"of all-at-T) | BN loss {rd['bn_loss_before']:.3f} -> {rd['bn_loss_after']:.3f}")
+                f"of all-at-T) | objective (CE + r_bn*BN) on the recover views {rd['objective_on_recover_views']['before']:.3f}"
+                f" -> {rd['objective_on_recover_views']['after']:.3f} | unaugmented BN loss {rd['bn_loss_before']:.3f} -> "
+                f"{rd['bn_loss_after']:.3f}")
         if rd["diversity"]["final_mean"] is not None:
             line += f" | diversity (cos, lower = more diverse) {rd['diversity']['initial_mean']:.3f} -> {rd['diversity']['final_mean']:.3f}"
         if result is not None:

@@ -93,10 +93,13 @@ PRESETS = {
 }
 DEFAULTS = dict(fidelity="low", per_seed=10, gen_batch=32, aug="none")
 MIX_ALPHA = {"mixup": 0.4, "cutmix": 0.25, "none": 0.0}  # helper/loops.py
+# DM-KD normalises CIFAR-100 with its own statistics (dataset/cifar100.py:81-108), as every standard
+# CIFAR-100 teacher was trained (common.py keeps the CIFAR-10 constants that SRe2L/RDED/DELT use)
+DMKD_NORM = {"cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761), "CIFAR-100 statistics (DM-KD)")}
 SMALL_LR_STUDENTS = ("mobilenet_v2", "mobilenet_v2_cifar", "shufflenet_g2")  # train_student.py:113: lr 0.02
 KD_FLAGS = ("stage", "syn_data_path", "teacher", "teacher_path", "student", "epochs", "batch_size", "lr",
             "weight_decay", "momentum", "milestones", "temperature", "aug", "mix_alpha", "eval_every", "crop",
-            "eval_protocol")
+            "eval_protocol", "mean", "std")
 
 
 def parse_args(argv=None):
@@ -142,6 +145,10 @@ def parse_args(argv=None):
     k.add_argument("--crop", default=None, choices=("rrc", "pad"), help="rrc: RandomResizedCrop (ImageNet); "
                    "pad: Resize + RandomCrop(pad 4) (CIFAR)")
     k.add_argument("--eval-every", type=int, default=None, help="evaluate on the real val set every N epochs")
+    k.add_argument("--mean", type=float, nargs=3, default=None, help="input normalisation mean of teacher and student "
+                   "(default: what the teacher checkpoint expects, else the dataset's; CIFAR-100 (0.5071, 0.4867, 0.4408))")
+    k.add_argument("--std", type=float, nargs=3, default=None, help="input normalisation std (CIFAR-100: "
+                   "(0.2675, 0.2565, 0.2761))")
     k.add_argument("--eval-protocol", default="rded", help="validate_fkd protocol for --eval")
     args = p.parse_args(argv)
     lr_given = args.lr is not None
@@ -338,6 +345,13 @@ class SyntheticImages(torch.utils.data.Dataset):
         return self.transform(common._checked_loader(self.files[i])), self.targets[i], i
 
 
+def kd_norm(args):
+    """(mean, std, source) of teacher and student inputs: --mean/--std, else what the teacher checkpoint
+    says it expects (common.resolve_norm), else DM-KD's own constants (CIFAR-100) or the dataset's."""
+    return common.resolve_norm(args.dataset, [args.teacher_path], args.mean, args.std,
+                               default=DMKD_NORM.get(args.dataset))
+
+
 def kd_config(args):
     """The DM-KD recipe as a common.TrainConfig: teacher soft labels online, KL * T^2, SGD, step LR."""
     return common.TrainConfig(
@@ -371,8 +385,9 @@ def main(argv=None):
             raise common.UserError(f"teacher {args.teacher} and student {args.student} see different input sizes on "
                                    f"{args.dataset}: pick a pair with the same resolution")
         teacher = common.load_teacher(args.teacher, args.dataset, args.teacher_path, args.data_path, args.seed, d.device)
+        mean, std, norm_source = kd_norm(args)
         val_set = common.real_dataset(args.dataset, args.data_path, "val",
-                                      common.eval_transform(args.dataset, size))
+                                      common.eval_transform(args.dataset, size, mean=mean, std=std))
         if args.syn_data_path and not os.path.isdir(args.syn_data_path):
             raise common.UserError(f"--syn-data-path {args.syn_data_path} does not exist")
         if args.syn_data_path:
@@ -409,14 +424,15 @@ def main(argv=None):
     # --- stage 2: KD from the teacher on the synthetic images only (Sec. 3.3, train_student.py) ---
     if distill:
         folder = args.syn_data_path or args.out
-        transform = common.train_transform(size, info.mean, info.std, crop=args.crop, flip=True, pad=4)
+        transform = common.train_transform(size, mean, std, crop=args.crop, flip=True, pad=4)
         train_set = SyntheticImages(folder, transform)
         val_loader = torch.utils.data.DataLoader(val_set, batch_size=256, num_workers=min(args.workers, 4))
         teacher_top1 = common.evaluate(teacher, val_loader, d.device) if d.main else None
         cfg = kd_config(args)
         if d.main:
             print(f"KD: {len(train_set)} images from {folder}; teacher {args.teacher} top-1 {teacher_top1:.2f}; "
-                  f"student {args.student}, {cfg.epochs} epochs, T={cfg.temperature}, lr {cfg.lr}")
+                  f"student {args.student}, {cfg.epochs} epochs, T={cfg.temperature}, lr {cfg.lr}; normalisation "
+                  f"mean {mean} std {std} ({norm_source})")
         common.seed_everything(args.seed)
         student = common.build_model(args.student, info.num_classes, size)
         t0 = time.time()
@@ -430,6 +446,7 @@ def main(argv=None):
                       "images_per_s": round(result["images_per_s"], 2), "world": d.world,
                       "device": common.device_name(d.device),
                       "recipe": {**dataclasses.asdict(cfg), "crop": args.crop, "flip": True, "size": size,
+                                 "mean": list(mean), "std": list(std), "normalisation": norm_source,
                                  "loss": "KL(p_t||p_s) batchmean * T^2, alpha 1, no CE"}}
             common.atomic_write_json(os.path.join(args.out, f"kd_{args.student}.json"), record)
             print(f"dmkd {args.dataset}: {len(train_set)} images -> student {args.student} top-1 best "

@@ -31,7 +31,7 @@ Deliberate deviations from the official code (each one a bug or a trap of §5.1)
   is exact, the BN term is the mean of the per-chunk BN losses (an approximation of the full batch);
 - the BN loss sums the hooks that fired (UFC drops one EfficientNet hook by hand, §1.4);
 - the saved composite uses the final u (official: u before the last Adam step, §1.4); files are
-  lossless PNG with rounding (official: JPEG q75, truncation; --format jpg for the former);
+  lossless PNG with rounding by default (official: JPEG q75 of truncated pixels: --format jpg);
 - the real init images are sampled here with a seeded generator (official: Google-Drive tensors),
   quantised to 8 bits first so that the saved real files ARE the init images;
 - static soft labels are computed once, on the written files, and stored (official: recomputed

@@ -23,9 +23,9 @@ Run (digits first; needs local model folders, or the hub ids with network access
     stage 2 and synthesises with --model, so point --model at the fine-tuned folder instead)
 
 Deliberate deviations from the official code (d4m_vlcp.md §4):
-- NLTK corpora cannot be downloaded here: words are alphabetic regex runs, lower-cased (nltk's
-  word_tokenize + isalpha keeps "well-known" whole and drops it; we split it), and the stop words
-  are scikit-learn's ENGLISH_STOP_WORDS (318 words, nltk has 179).
+- No nltk dependency: the text rule's tokens are those of nltk.word_tokenize kept by isalpha,
+  reproduced by `words` (nltk 3.10's Treebank rules; punkt's abbreviation list is not modelled), and
+  nltk's 179 English stop words are a fixed list in this file.
 - Stock StableDiffusionImg2ImgPipeline with the 4-channel prototype as `image` replaces the patched
   diffusers pipelines (same maths, §1.3); the safety checker is off; every image has its own seeded
   generator, so batching does not change its noise.
@@ -168,9 +168,20 @@ def read_captions(path):
             name = obj["file_name"]
             caps[name] = obj["text"]
             folder, base = os.path.split(name)  # llava_result_sum renamed a_b.JPEG to aMMb.JPEG
-            caps.setdefault(f"{folder}/{base.replace('MM', '_', 1)}" if folder else base, obj["text"])
+            caps.setdefault(f"{folder}/{base.replace('MM', '_', 1)}" if folder else base.replace("MM", "_", 1), obj["text"])
         else:
             caps.update(obj)
+    return caps
+
+
+def load_captions(path, keys):
+    """read_captions, with each image key (class folder/file) also found under its bare file name: the
+    official ImageWoof metadata keys captions by file name alone (gen_prototype.py looks Woof up by
+    basename, d4m_vlcp.md §3.4)."""
+    caps = read_captions(path)
+    for k in keys:
+        if k not in caps and os.path.basename(k) in caps:
+            caps[k] = caps[os.path.basename(k)]
     return caps
 
 
@@ -384,15 +395,52 @@ def image_prototypes(latents, ipc, contamination, seed, n_neighbors=10, what="cl
 
 
 # --- stage 4 helper: text prototypes -----------------------------------------------------------------
+# nltk's English stop words (nltk_data corpora/stopwords/english, the 179 words VLCP's gen_prototype.py
+# removes). Later nltk data adds 19 more, every one with an apostrophe, which no isalpha token has.
+NLTK_STOP_WORDS = frozenset("""
+i me my myself we our ours ourselves you you're you've you'll you'd your yours yourself yourselves he him
+his himself she she's her hers herself it it's its itself they them their theirs themselves what which who
+whom this that that'll these those am is are was were be been being have has had having do does did doing a
+an the and but if or because as until while of at by for with about against between into through during
+before after above below to from up down in out on off over under again further then once here there when
+where why how all any both each few more most other some such no nor not only own same so than too very s t
+can will just don don't should should've now d ll m o re ve y ain aren aren't couldn couldn't didn didn't
+doesn doesn't hadn hadn't hasn hasn't haven haven't isn isn't ma mightn mightn't mustn mustn't needn needn't
+shan shan't shouldn shouldn't wasn wasn't weren weren't won won't wouldn wouldn't""".split())
+
+# nltk.word_tokenize = punkt sentences, then the Treebank rules of nltk 3.10's NLTKWordTokenizer. What the
+# rule sees of it: the isalpha tokens. A token is a run between spaces after these characters stand alone:
+_CLOSERS = "\"')\\]}>\u00bb\u201d\u2019"
+_SENTENCE_END = re.compile(rf"[.!?][{_CLOSERS}]*(?=\s)")  # punkt: a break after ./?/! + space
+_ALONE = re.compile("[;@#$%&?!*()\\[\\]{}<>\"`\u00ab\u00bb\u201c\u201d\u2018\u2019\u201e\u2012-\u2015]|\\.{2,}|--")
+_COMMA = re.compile(r"[:,](?!\d)")  # not inside numbers such as 1,000 or 3:30
+_FINAL_PERIOD = re.compile(rf"(?<=[^.])\.(?=[{_CLOSERS}\s]*$)")  # only a sentence's last period
+_OPEN_QUOTE = re.compile(r"(?i)(?<!\w)'(?!(?:re|ve|ll|m|t|s|d|n)\b)(?=\w)")  # 'quoted, 'tis: the quote stands alone
+_CLITIC = re.compile(r"(?<=[^' ])('[sS]|'[mM]|'[dD]|'ll|'LL|'re|'RE|'ve|'VE|n't|N'T|')(?= )")  # does n't, dog 's
+_FUSED = re.compile(r"(?i)\b(can)(not)\b|\b(gon|wan)(na)\b|\b(got)(ta)\b|\b(gim|lem)(me)\b")  # can not, gon na
+
+
 def words(text):
-    """Alphabetic tokens, lower-cased (stands in for nltk.word_tokenize + isalpha, see header)."""
-    return [w.lower() for w in re.findall(r"[^\W\d_]+", text)]
+    """nltk.word_tokenize(text) reduced to its isalpha tokens, lower-cased, without nltk: hyphenated or
+    slashed words stay whole (so they are dropped), "doesn't" gives "does" + "n't", a sentence's final
+    period is split off. Not modelled: punkt's abbreviation list (an abbreviation's period mid-text
+    still ends a sentence here)."""
+    out = []
+    ends = [0] + [m.end() for m in _SENTENCE_END.finditer(text)] + [len(text)]
+    for a, b in zip(ends, ends[1:]):
+        s = _ALONE.sub(lambda m: f" {m.group(0)} ", text[a:b].strip())
+        s = _FINAL_PERIOD.sub(" . ", _COMMA.sub(lambda m: f" {m.group(0)} ", _OPEN_QUOTE.sub("' ", s)))
+        s = _FUSED.sub(lambda m: " ".join(g for g in m.groups() if g), f" {s} ")
+        s = _CLITIC.sub(lambda m: f" {m.group(1)}", s)
+        out += [w.lower() for w in s.split() if w.isalpha()]
+    return out
 
 
 def text_prototypes(captions, labels, n_clusters, class_name, threshold, tpk, match="substring"):
     """gen_prototype.py L128-217: per cluster, the first caption with the highest sum of the
-    frequencies of the cluster's top-tpk words it contains (common, stop and class-name words removed)."""
-    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS as STOP
+    frequencies of the cluster's top-tpk words it contains (common, stop and class-name words
+    removed), over nltk's tokens and stop words."""
+    STOP = NLTK_STOP_WORDS
     toks = [words(c) for c in captions]
     df = Counter(w for t in toks for w in set(t))
     common_words = {w for w, n in df.items() if n >= threshold * len(captions) and w not in STOP}
@@ -472,7 +520,7 @@ def main(argv=None):
     os.makedirs(proto_dir, exist_ok=True)
 
     # --- stage 1: LLaVA captions of every training image (Sec. 3.1) ---
-    captions = read_captions(captions_path) if os.path.isfile(captions_path) else {}
+    captions = load_captions(captions_path, keys) if os.path.isfile(captions_path) else {}
     missing = [i for i in selected if keys[i] not in captions]
     with run.stage("captions", items=len(missing)):
         if missing:
@@ -491,7 +539,7 @@ def main(argv=None):
                         append_captions(captions_path, read_captions(f"{captions_path}.rank{r}").items())
                         os.remove(f"{captions_path}.rank{r}")
             common.barrier()
-            captions = read_captions(captions_path)
+            captions = load_captions(captions_path, keys)
     run.record["captions"] = {"file": os.path.abspath(captions_path), "images": len(selected),
                               "generated": len(missing)}
 

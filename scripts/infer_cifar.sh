@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # INFER (UFC) on CIFAR-10/100, Table 1 settings (infer_dmkd.md §1.4, §2.2-2.3): T 1000, lr 0.25,
 # r_bn 1.0, the four teachers of ufc_cifar.py; static labels 400 epochs, dynamic 400/(M+1) = 80.
+# Images are saved as ufc_cifar.py saves them: JPEG quality 75 of truncated pixels (--format jpg).
 # Set DATASET (cifar10|cifar100), DATA (CIFAR download folder) and CKPT (a folder holding the four
 # teacher checkpoints of the UFC README: resnet18/mobilenetV2/efficientnet/shufflenet_E200/ckpt.pth).
 set -euo pipefail
@@ -12,7 +13,7 @@ IPCS="10 50"; [ "$DATASET" = cifar100 ] && IPCS="10 50 100"
 for ipc in $IPCS; do
   OUT="runs/infer_ufc_${DATASET}_ipc${ipc}"
   uv run python infer_ufc.py --dataset "$DATASET" --data-path "$DATA" --teacher-path "$TEACHERS" --ipc "$ipc" \
-    --out "$OUT" --eval --eval-protocol static --eval-repeats 3 --baseline random
+    --format jpg --out "$OUT" --eval --eval-protocol static --eval-repeats 3 --baseline random
   uv run python infer_ufc.py --dataset "$DATASET" --data-path "$DATA" --teacher-path "$TEACHERS" --ipc "$ipc" \
-    --out "$OUT" --eval --eval-protocol dynamic --eval-repeats 3
+    --format jpg --out "$OUT" --eval --eval-protocol dynamic --eval-repeats 3
 done

@@ -123,7 +123,9 @@ def test_ttm_labels_replay(d4m_run, digits_conv3):
     ev = json.load(open(os.path.join(out, "eval_fkd.json")))
     assert ev["protocol"] == "fkd" and ev["label_mode"] == "fkd" and ev["epochs"] == 1
     assert ev["recipe"]["temperature"] == 20.0 and not ev["recipe"]["t_squared"]
-    assert json.load(open(os.path.join(out, "run.json")))["eval"]["protocol"] == "fkd"
+    record = json.load(open(os.path.join(out, "run.json")))
+    assert record["eval"]["protocol"] == "fkd"
+    assert record["ttm"]["normalisation"] == "digits statistics" and meta["mean"] == list(common.DATASETS["digits"].mean)
 
 
 def test_image_folder_readers_see_only_the_classes(d4m_run):

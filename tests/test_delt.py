@@ -128,12 +128,22 @@ def test_contract_bn_loss_and_early_late_effect(one_proc):
     assert dl["schedule"]["iterations_by_rank"] == [20, 10]
     assert dl["image_iterations"] == 10 * 30  # 10 classes x (20 + 10)
     assert dl["bn_loss_after"] < 0.9 * dl["bn_loss_before"]  # BN loss falls during recover
+    # the objective recover optimises, on the same augmented views for initial and final images
+    views = dl["objective_on_recover_views"]
+    assert views["after"] < 0.9 * views["before"]
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("delt: digits ipc 2"))
+    assert (f"objective (CE + r_bn*BN) on the recover views {views['before']:.3f} -> {views['after']:.3f}" in line
+            and "| unaugmented BN loss" in line and "| BN loss" not in line)
+    assert rec["normalisation"] == {"mean": list(common.DATASETS["digits"].mean), "std": list(common.DATASETS["digits"].std),
+                                    "source": "digits statistics"}
     first, last = dl["rms_pixel_change_by_rank"]
     assert first > 1.2 * last > 0  # the early group moved further from its real initialisation
     stats = delt.load_stats(str(out), rec["identity"])
     for b in range(5):  # every batch: the round-0 subset is the rank-0 images only
         bs = stats["batch"][b]
-        assert bs["active_per_round"] == [2, 4] and bs["bn_after"] < bs["bn_before"]
+        # the objective on the recover views falls in every batch (the unaugmented BN loss need not:
+        # measured 4.055 -> 4.358 in batch 3, as recover optimises crops, not the whole images)
+        assert bs["active_per_round"] == [2, 4] and bs["objective_views_after"] < bs["objective_views_before"]
     assert 0 < dl["diversity"]["final_mean"] <= 1 and 0 < dl["diversity"]["initial_mean"] <= 1
     assert sorted(stats["batch"]) == list(range(5)) and sorted(stats["class"]) == list(range(10))
     rows = open(out / "ranking.csv").read().splitlines()

@@ -147,6 +147,20 @@ def test_kd_loss_is_kl_times_t_squared_and_presets():
     assert dmkd.parse_args(["--images-per-class", "7"]).ipc == 7
 
 
+def test_kd_normalisation_cifar100_and_flags(tmp_path):
+    """DM-KD's CIFAR-100 statistics (dataset/cifar100.py), not the CIFAR-10 constants; --mean/--std win;
+    a checkpoint in RDED's ConvNet layout asks for ImageNet statistics."""
+    mean, std, _ = dmkd.kd_norm(dmkd.parse_args(["--dataset", "cifar100"]))
+    assert (mean, std) == ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761))
+    assert dmkd.kd_norm(dmkd.parse_args(["--dataset", "cifar10"]))[:2] == ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
+    given = dmkd.kd_norm(dmkd.parse_args(["--dataset", "cifar100", "--mean", "0.5", "0.5", "0.5", "--std", "0.2", "0.2", "0.2"]))
+    assert given == ((0.5,) * 3, (0.2,) * 3, "--mean/--std")
+    sd = {f"layers.conv.{d}.weight": torch.zeros(1) for d in range(3)}
+    torch.save({"model": sd}, tmp_path / "rded.pth")
+    assert dmkd.kd_norm(dmkd.parse_args(["--dataset", "cifar100", "--teacher-path", str(tmp_path / "rded.pth")]))[:2] == (
+        (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
 def test_kd_through_a_foreign_folder_beats_chance(digits_conv3, tmp_path):
     """Images that are no real digit (pairs of training digits blended 30/70..70/30), filed into
     arbitrary folders: the student learns from the teacher's labels alone."""
@@ -164,6 +178,7 @@ def test_kd_through_a_foreign_folder_beats_chance(digits_conv3, tmp_path):
                "--eval-every", "10", "--workers", "0", "--device", "cpu", "--out", str(res)])
     kd = json.loads((res / "kd_conv3.json").read_text())
     assert kd["images"] == 200 and kd["teacher_top1"] > 90
+    assert kd["recipe"]["mean"] == list(common.DATASETS["digits"].mean) and "digits" in kd["recipe"]["normalisation"]
     assert kd["best"] > 40, kd["history"]  # chance is 10 %; measured ~90 %
     assert not (folder / "kd_conv3.json").exists()
 

@@ -44,8 +44,62 @@ def test_text_prototype_rule_worked_example():
     assert got[0] == "A cat with red fur."
 
 
-def test_words_are_alphabetic_lowercase():
-    assert vlcp.words("Its well-known RED fur, 3 spots & it's") == ["its", "well", "known", "red", "fur", "spots", "it", "s"]
+# nltk 3.10.4's tokens for these captions: NLTKWordTokenizer on each sentence (punkt's cuts, made by hand:
+# no abbreviation in them), kept by isalpha and lower-cased, generated with nltk outside the project
+NLTK_TOKENS = [
+    ("The dog in the image is a small, fluffy white breed. It doesn't look aggressive; its tail is curled up!",
+     "the dog in the image is a small fluffy white breed it does look aggressive its tail is curled up"),
+    ("A well-known black-and-white bird with a long neck stands on one leg. Its feathers are grey/blue, and it's "
+     "3-4 feet tall.", "a bird with a long neck stands on one leg its feathers are and it feet tall"),
+    ('The fish\'s body is "streamlined" (about 30 cm long) -- silver scales... It can\'t swim fast? It cannot, I think.',
+     "the fish body is streamlined about cm long silver scales it ca swim fast it can not i think"),
+    ("Two cranes: one lifts 1,000 kg at 3:30; the other isn't moving. They'll be gone soon.",
+     "two cranes one lifts kg at the other is moving they be gone soon"),
+    ("The car\u2019s front is red\u2014its side shows \u201cchrome\u201d trim. You're looking at a 1960s model, aren't you?",
+     "the car s front is red its side shows chrome trim you looking at a model are you"),
+    ("It's gonna rain, wanna go? The umbrella (open) is blue & yellow; 50% off @ store #1.",
+     "it gon na rain wan na go the umbrella open is blue yellow off store"),
+    ("The cat sits on the mat.The window is open. 'Quoted' words and dogs' tails.",
+     "the cat sits on the window is open quoted words and dogs tails"),
+    ("He said \u201cgood dog.\u201d Then it ran (fast.) 'Tis 'twas y'all o'clock rock'n'roll, e-mail \u2013 done.",
+     "he said good dog then it ran fast tis twas done"),
+    ("THE DOG ISN'T BIG; it's 'really' small... Dogs' ears.", "the dog is big it really small dogs ears"),
+]
+
+
+@pytest.mark.parametrize("caption,expected", NLTK_TOKENS)
+def test_words_are_nltk_word_tokenize_isalpha(caption, expected):
+    assert vlcp.words(caption) == expected.split()
+
+
+def test_stop_words_are_nltks():
+    assert len(vlcp.NLTK_STOP_WORDS) == 179
+    assert {"doesn", "t", "s", "won", "ma", "y", "ain", "does", "not", "can"} <= vlcp.NLTK_STOP_WORDS
+    assert not {"back", "front", "side", "top", "thin", "full", "two", "three"} & vlcp.NLTK_STOP_WORDS
+
+
+def test_official_rule_picks_another_prototype_than_regex_and_sklearn_stop_words():
+    caps = ["A dog with a thin coat on its back and side.",
+            "The back and the side of the dog are thin.",
+            "A well-groomed, short-haired dog doesn't bark.",
+            "Short hair covers the dog; it doesn't shed.",
+            "A dog with short, well-groomed hair."]
+    # official (nltk tokens, 179 stop words), threshold 0.7 -> common = DF >= 3.5: only "dog" (class name
+    # anyway). Hyphenated words are dropped whole, "doesn't" -> does (stop) + n't. Pool counts:
+    # thin 2, back 2, side 2, short 2 (caption 4's "Short" lower-cased), hair 2, coat 1, bark 1, covers 1,
+    # shed 1. Substring scores: c0 thin+coat+back+side = 7, c1 back+side+thin = 6, c2 short+hair (in
+    # "haired")+bark = 5, c3 hair+covers+shed = 4 ("Short" is not "short"), c4 short+hair = 4 -> c0.
+    assert vlcp.text_prototypes(caps, [0] * 5, 1, "dog", 0.7, 30) == [caps[0]]
+    # the old rule (alphabetic regex runs, scikit-learn's 318 stop words that hold back/side/thin)
+    # keeps short 3, groomed 2, doesn 2, t 2, hair 2 ... and picks caption 2
+    import re
+    from collections import Counter
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+    toks = [[w.lower() for w in re.findall(r"[^\W\d_]+", c)] for c in caps]
+    pool = [w for t in toks for w in t if w not in ENGLISH_STOP_WORDS and w != "dog"]
+    top = Counter(pool).most_common(30)
+    scores = [sum(f for w, f in top if w in c) for c in caps]
+    assert scores.index(max(scores)) == 2
 
 
 def test_caption_prompt_is_the_papers_question():
@@ -93,6 +147,11 @@ def test_captions_file_formats(tmp_path):
     assert vlcp.read_captions(ours) == {"3/00001.png": "a bold three"}
     vlcp.append_captions(ours, [("3/00002.png", 'a thin three')])
     assert vlcp.read_captions(ours) == {"3/00001.png": "a bold three", "3/00002.png": "a thin three"}
+    # the official ImageWoof metadata: captions keyed by bare (renamed) file names
+    woof = tmp_path / "woof.jsonl"
+    woof.write_text('{"file_name": "n02086240MM1004.JPEG", "text": "a small dog"}\n')
+    caps = vlcp.load_captions(woof, ["n02086240/n02086240_1004.JPEG", "n02087394/other.JPEG"])
+    assert caps["n02086240/n02086240_1004.JPEG"] == "a small dog" and "n02087394/other.JPEG" not in caps
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"a": "b"}\nnot json\n{"c": "d"}\n')
     with pytest.raises(common.UserError, match="line 2"):
