@@ -404,7 +404,8 @@ def main(argv=None):
         if args.eval_protocol == "dynamic":  # "epochs reduced by a factor of 1/(M+1)" (UFC README)
             common_flags += ["--label-mode", "teacher"]
             if epochs is None:
-                preset = validate_fkd.DATASET_PRESETS.get(args.dataset, {}).get("static", {})
+                preset = {**validate_fkd.DATASET_PRESETS.get(args.dataset, {}).get("static", {}),
+                          **validate_fkd.METHOD_PRESETS["infer"].get(args.dataset, {}).get("static", {})}
                 epochs = max(1, preset.get("epochs", validate_fkd.PROTOCOLS["static"]["epochs"]) // (M + 1))
         common_flags += ["--epochs", str(epochs)] if epochs else []
         if args.baseline == "random":  # random real images at the nominal IPC: the same image-equivalent budget
