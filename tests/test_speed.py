@@ -318,7 +318,7 @@ def test_train_student_on_device_set_runs_and_learns():
 # ------------------------------------------------------------------------------ benchmark
 def test_bench_recover_runs_on_cpu_and_prints_figures():
     proc = subprocess.run([sys.executable, "scripts/bench_recover.py", "--device", "cpu", "--arch", "conv3",
-                           "--batch-size", "8", "--size", "32", "--classes", "10", "--iterations", "6",
+                           "--batch-size", "8", "--size", "32", "--classes", "10", "--iterations", "6", "--steps", "3",
                            "--round-itr", "2", "--ipc", "4", "--threads", "1"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
