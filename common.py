@@ -810,13 +810,13 @@ def _random_shift(x, pad, g):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device="cpu"):
+def evaluate(model, loader, device="cpu", precision="auto"):
     """Top-1 accuracy (%) of `model` on a loader of (normalised images, labels)."""
     model.eval()
     correct = total = 0
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast(device):
+        with autocast(device, precision):
             correct += (model(x).argmax(1) == y).sum()
         total += len(y)
     return 100.0 * float(correct) / max(total, 1)
@@ -841,9 +841,8 @@ class BNStatsHook:
 
     def _hook(self, i):
         def hook(module, inputs, output):
-            x = inputs[0].float()
-            mean = x.mean(dim=(0, 2, 3))
-            var = x.var(dim=(0, 2, 3), unbiased=False)
+            # one fused pass (Welford) for both statistics, accumulated in fp32 whatever the input dtype
+            var, mean = torch.var_mean(inputs[0].float(), dim=(0, 2, 3), unbiased=False)
             self.values[i] = (self.r_var * torch.linalg.vector_norm(var - module.running_var)
                               + torch.linalg.vector_norm(mean - module.running_mean))
         return hook
@@ -877,12 +876,66 @@ def pick_device(name="auto"):
     return name
 
 
-def autocast(device, dtype=torch.bfloat16):
-    """bf16 autocast on CUDA (the maths of every loss here tolerates it); plain fp32 on the CPU."""
-    device = str(device)
-    if device.startswith("cuda"):
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(precision, device):
+    """"auto" -> bf16 on CUDA, fp32 on the CPU (the official code is fp32 everywhere)."""
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if str(device).startswith("cuda") else "fp32"
+    return precision
+
+
+def add_precision_arg(group):
+    group.add_argument("--precision", default="auto", choices=PRECISIONS,
+                       help="teacher/optimisation arithmetic: fp32 (as the official code) or bf16 autocast; "
+                            "auto = bf16 on CUDA, fp32 on the CPU")
+
+
+def autocast(device, precision="auto", cache=True):
+    """bf16 autocast (CUDA or CPU) when `precision` resolves to bf16; a no-op for fp32. cache=False
+    inside CUDA-graph captures (autocast's weight-cast cache must not outlive a capture)."""
+    if resolve_precision(precision, device) == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda" if str(device).startswith("cuda") else "cpu", dtype=torch.bfloat16,
+                          cache_enabled=cache)
+
+
+def run_steps(step, n, graph, pool=None, warmup=2):
+    """Call step() n times. With graph=True (CUDA): `warmup` eager calls on a side stream (cuDNN picks
+    its algorithms, optimiser state appears), one call captured as a CUDA graph, then n - warmup
+    replays: no host work per step. step() must keep all its state in device tensors (a step counter
+    included) so that a replay is exactly the next step. pool: a graph_pool_handle shared by the
+    successive graphs of one batch (they never replay concurrently)."""
+    if not graph or n <= warmup + 1:
+        for _ in range(n):
+            step()
+        return
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, pool=pool):  # recorded, not run
+        step()
+    for _ in range(n - warmup):
+        g.replay()
+
+
+def cast_teacher(model, precision, device):
+    """For bf16: cast a frozen teacher's conv and linear weights to bf16 once, so that autocast does not
+    re-cast them on every forward (it only caches casts of leaves that require grad). The values are
+    those autocast would make; BatchNorm stays fp32 (its running statistics are the BN loss's targets).
+    The teacher must then only be called under autocast(device, precision)."""
+    if resolve_precision(precision, device) == "bf16":
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.to(torch.bfloat16)
+    return model
 
 
 @dataclass
@@ -1242,6 +1295,157 @@ def train_transform(size, mean, std, crop="rrc", min_scale=0.08, flip=True, fact
 
 
 # ----------------------------------------------------------------------------------------------
+# the same views as matrices: batched on the device, differentiable, fixed shapes
+# ----------------------------------------------------------------------------------------------
+def resize_weights(start, length, size, out, flip=None, shift=None):
+    """One axis of torchvision's resized crop as a matrix: W [..., out, size] takes pixels
+    [start, start + length) of an axis of `size` pixels, resizes them to `out` (bilinear,
+    align_corners=False, antialiased when shrinking, as F.interpolate(antialias=True)), then mirrors
+    them (flip) and rolls them by `shift` (torch.roll), so that a view of x is W_y @ x @ W_x^T.
+    start/length/flip/shift are tensors of shape [...] (one view each); only tensor ops, so it runs
+    inside a CUDA graph. When enlarging (length <= out) the rows are the 2-tap bilinear weights with
+    edge clamping of F.interpolate(antialias=False) as well."""
+    dev = start.device
+    start, length = start.float()[..., None, None], length.float()[..., None, None]
+    q = torch.arange(out, device=dev, dtype=torch.float32)[:, None]  # output position
+    if shift is not None:  # roll(v, s)[p] = v[(p - s) mod out]
+        q = torch.remainder(q - shift.float()[..., None, None], out)
+    if flip is not None:
+        q = torch.where(flip.bool()[..., None, None], out - 1 - q, q)
+    scale = length / out
+    center = scale * (q + 0.5)
+    j = torch.arange(size, device=dev, dtype=torch.float32) - start  # input position inside the crop
+    w = torch.clamp(1 - torch.abs(j + 0.5 - center) / torch.clamp(scale, min=1.0), min=0)
+    w = torch.where((j >= 0) & (j < length), w, torch.zeros((), device=dev))
+    return w / w.sum(-1, keepdim=True)
+
+
+def apply_views(x, wy, wx):
+    """x [N,C,H,W] -> wy @ x @ wx^T: wy [out,H] / wx [out,W] shared by the batch, or [N,out,H] /
+    [N,out,W] one per image. Always in fp32 (never under autocast): it is the pixels' resampling."""
+    if wy.dim() == 3:
+        wy, wx = wy[:, None], wx[:, None]
+    with torch.autocast(x.device.type, enabled=False):
+        return wy @ x.float() @ wx.transpose(-1, -2)
+
+
+def draw_rrc_boxes(n, h, w, g, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """n RandomResizedCrop boxes (top, left, height, width) at once, with torchvision's get_params
+    distribution: 10 tries of area fraction ~ U(scale), log aspect ~ U(log ratio), sides rounded half
+    to even, the first try that fits; else its central fallback. Drawn on the CPU from generator g."""
+    area = h * w
+    s = scale[0] + (scale[1] - scale[0]) * torch.rand(n, 10, generator=g, dtype=torch.float64)
+    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * torch.rand(n, 10, generator=g, dtype=torch.float64)
+    cw = torch.round(torch.sqrt(area * s * torch.exp(log_r))).long()
+    ch = torch.round(torch.sqrt(area * s / torch.exp(log_r))).long()
+    ok = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+    first = ok.long().argmax(1, keepdim=True)
+    cw, ch = cw.gather(1, first)[:, 0], ch.gather(1, first)[:, 0]
+    if w / h < min(ratio):
+        fw, fh = w, int(round(w / min(ratio)))
+    elif w / h > max(ratio):
+        fh, fw = h, int(round(h * max(ratio)))
+    else:
+        fw, fh = w, h
+    fits = ok.any(1)
+    ch, cw = torch.where(fits, ch, fh), torch.where(fits, cw, fw)
+    u = torch.rand(n, 2, generator=g, dtype=torch.float64)
+    top = torch.where(fits, (u[:, 0] * (h - ch + 1)).long(), (h - fh) // 2)
+    left = torch.where(fits, (u[:, 1] * (w - cw + 1)).long(), (w - fw) // 2)
+    return torch.stack([top, left, ch, cw], 1)
+
+
+def strip_permutation_index(perm, size):
+    """ShufflePatches as a gather index: perm [n, f] orders the f strips torch.tensor_split makes of an
+    axis of `size` pixels; returns idx [n, size] with shuffled[k] = x[idx[k]]."""
+    f = perm.shape[1]
+    lengths = torch.tensor([t.numel() for t in torch.tensor_split(torch.arange(size), f)])
+    starts = torch.cumsum(lengths, 0) - lengths
+    return torch.stack([torch.cat([torch.arange(starts[k], starts[k] + lengths[k]) for k in p.tolist()]) for p in perm])
+
+
+class DeviceAugment:
+    """train_transform's batchable part for a whole batch of uint8 images on the device: RDED's
+    ShufflePatches, then RandomResizedCrop or Resize + RandomCrop with zero padding, a horizontal flip
+    and the normalisation. Per-image parameters are drawn on the host from a generator with the
+    distributions of the per-image path; all spatial ops of an image fold into two matrices
+    (resize_weights), applied as two batched matmuls. ColorJitter, Lighting and RandAugment are not
+    here: protocols that use them keep the loader path."""
+
+    def __init__(self, size, mean, std, crop="rrc", min_scale=0.08, flip=True, factor=1, pad=4):
+        self.size, self.mean, self.std, self.crop = size, mean, std, crop
+        self.min_scale, self.flip, self.factor, self.pad = min_scale, flip, factor, pad
+
+    def draw(self, n, h, w, g):
+        """Per-image parameters: {"box" [n,4] (rrc) or "offset" [n,2] (pad), "flip" [n], "perm_y"/"perm_x" [n,f]}."""
+        p = {}
+        if self.factor > 1:  # random.shuffle of the strips: a uniform permutation per image and axis
+            p["perm_x"] = torch.argsort(torch.rand(n, self.factor, generator=g), 1)
+            p["perm_y"] = torch.argsort(torch.rand(n, self.factor, generator=g), 1)
+        if self.crop == "rrc":
+            p["box"] = draw_rrc_boxes(n, h, w, g, (self.min_scale, 1.0))
+        else:  # RandomCrop(size, padding): top/left ~ U{0..2 pad} of the padded resized image
+            p["offset"] = torch.randint(0, 2 * self.pad + 1, (n, 2), generator=g)
+        p["flip"] = torch.rand(n, generator=g) < 0.5 if self.flip else torch.zeros(n, dtype=torch.bool)
+        return p
+
+    def matrices(self, p, h, w, device):
+        """(W_y [n,size,h], W_x [n,size,w]) of the parameters p for images of h x w pixels."""
+        n, s = len(p["flip"]), self.size
+        flip = p["flip"].to(device)
+        if self.crop == "rrc":
+            box = p["box"].to(device)
+            wy = resize_weights(box[:, 0], box[:, 2], h, s)
+            wx = resize_weights(box[:, 1], box[:, 3], w, s, flip=flip)
+        else:  # T.Resize(size) of the square image, then the padded crop (a shifted identity, zeros outside)
+            full = torch.zeros(n, device=device)
+            ry, rx = resize_weights(full, full + h, h, s), resize_weights(full, full + w, w, s)
+            off = p["offset"].to(device)
+            q = torch.arange(s, device=device)
+            qx = torch.where(flip[:, None], s - 1 - q, q)
+            sel_y = (q[None, :, None] + off[:, 0, None, None] - self.pad) == q[None, None, :]
+            sel_x = (qx[:, :, None] + off[:, 1, None, None] - self.pad) == q[None, None, :]
+            wy, wx = sel_y.float() @ ry, sel_x.float() @ rx
+        if self.factor > 1:  # ShufflePatches first: W_total[:, idx[k]] = W[:, k]
+            iy, ix = (strip_permutation_index(p[k], n_).to(device) for k, n_ in (("perm_y", h), ("perm_x", w)))
+            wy = torch.zeros_like(wy).scatter_(2, iy[:, None].expand_as(wy), wy)
+            wx = torch.zeros_like(wx).scatter_(2, ix[:, None].expand_as(wx), wx)
+        return wy, wx
+
+    def __call__(self, images, g, params=None):
+        """images: uint8 [n,3,h,w] on the device -> normalised float views [n,3,size,size]."""
+        n, _, h, w = images.shape
+        p = params or self.draw(n, h, w, g)
+        wy, wx = self.matrices(p, h, w, images.device)
+        return normalize(apply_views(images.float() / 255, wy, wx), self.mean, self.std)
+
+
+class DeviceImageSet:
+    """A distilled set held on the training device as uint8 with DeviceAugment views: train_student
+    batches it itself (same sampler and batch rule as the loader path), with no loader processes."""
+
+    def __init__(self, images, targets, augment):
+        self.images, self.targets, self.augment = images, torch.as_tensor(targets), augment
+
+    def __len__(self):
+        return len(self.targets)
+
+
+class _DeviceBatches:
+    def __init__(self, ds, sampler, batch_size, drop_last, device, g):
+        self.ds, self.sampler, self.batch_size, self.drop_last, self.g = ds, sampler, batch_size, drop_last, g
+        self.images, self.targets = ds.images.to(device), ds.targets.to(device)
+
+    def __iter__(self):
+        order = torch.tensor(list(self.sampler))
+        for idx in order.split(self.batch_size):
+            if self.drop_last and len(idx) < self.batch_size:
+                break
+            dev_idx = idx.to(self.images.device, non_blocking=True)
+            yield self.ds.augment(self.images.index_select(0, dev_idx), self.g), self.targets.index_select(0, dev_idx), dev_idx
+
+
+# ----------------------------------------------------------------------------------------------
 # batch mixing and losses
 # ----------------------------------------------------------------------------------------------
 def cutmix_box(lam, h, w, g):
@@ -1357,7 +1561,7 @@ def fkd_batch(images, rec, b, size, mean, std):
 
 
 def fkd_generate(images, teacher, out_dir, epochs, batch_size, size, mean, std, mix="cutmix", alpha=1.0,
-                 min_scale=0.08, flip=True, seed=42, device="cpu", start_epoch=0):
+                 min_scale=0.08, flip=True, seed=42, device="cpu", start_epoch=0, precision="auto"):
     """Store FKD soft labels (SRe2L relabel / D4M training-time matching) for the set at `out_dir`:
     for each epoch one file <out_dir>/fkd_epoch_XXXX.pt with, per batch, the image indices, crop boxes
     (pixels of the stored image), flips, mix parameters and the teacher's fp16 logits on the augmented,
@@ -1383,7 +1587,7 @@ def fkd_generate(images, teacher, out_dir, epochs, batch_size, size, mean, std, 
             rec["flips"].append(torch.rand(len(idx), generator=g) < 0.5 if flip else torch.zeros(len(idx), dtype=torch.bool))
             rec["mix"].append(draw_mix(mix, alpha, len(idx), size, size, g))
             x = fkd_batch(images, rec, b, size, mean, std).to(device)
-            with torch.no_grad(), autocast(device):
+            with torch.no_grad(), autocast(device, precision):
                 rec["logits"].append(teacher(x).float().half().cpu())
         atomic_torch_save(rec, path)
     atomic_write_json(os.path.join(out_dir, FKD_PREFIX + "meta.json"), {
@@ -1441,6 +1645,7 @@ class TrainConfig:
     eval_from: float = 0.0  # first fraction of training without evaluation (RDED: 0.8)
     seed: int = 0
     workers: int = 0
+    precision: str = "auto"  # auto | fp32 | bf16 (resolve_precision)
 
 
 def train_student(student, cfg, val_loader, device, train_set=None, teacher=None, static_labels=None,
@@ -1448,7 +1653,7 @@ def train_student(student, cfg, val_loader, device, train_set=None, teacher=None
     """Train `student` from scratch and evaluate it on `val_loader`.
 
     train_set: a dataset of (normalised augmented image, label, index) for the teacher/static/hard
-    modes; fkd: {"images", "dir", "size", "mean", "std"} for replayed stored labels. Returns
+    modes, or a DeviceImageSet (views made on the device, no loader); fkd: {"images", "dir", "size", "mean", "std"} for replayed stored labels. Returns
     {"best", "last", "history", "seconds", "images_per_s", "data_wait_share"}. Under torchrun the student is wrapped in
     DDP and rank 0 evaluates alone (no padded duplicates in the val set)."""
     d = dist_info or Dist(device=device)
@@ -1467,9 +1672,13 @@ def train_student(student, cfg, val_loader, device, train_set=None, teacher=None
         sampler = (torch.utils.data.DistributedSampler(train_set, d.world, d.rank, shuffle=True, seed=cfg.seed)
                    if d.world > 1 else torch.utils.data.RandomSampler(train_set, generator=torch.Generator().manual_seed(cfg.seed)))
         per_rank = max(1, cfg.batch_size // d.world)
-        loader = torch.utils.data.DataLoader(train_set, per_rank, sampler=sampler, num_workers=cfg.workers,
-                                             drop_last=len(train_set) % per_rank == 1, pin_memory=cuda,
-                                             persistent_workers=cfg.workers > 0)
+        drop_last = len(train_set) % per_rank == 1
+        if isinstance(train_set, DeviceImageSet):  # uint8 set on the device, views made there: no loader
+            loader = _DeviceBatches(train_set, sampler, per_rank, drop_last, device,
+                                    torch.Generator().manual_seed(cfg.seed * 7919 + d.rank + 104729))
+        else:
+            loader = torch.utils.data.DataLoader(train_set, per_rank, sampler=sampler, num_workers=cfg.workers,
+                                                 drop_last=drop_last, pin_memory=cuda, persistent_workers=cfg.workers > 0)
     history, seen, waited, t0 = [], 0, 0.0, time.time()
     for epoch in range(cfg.epochs):
         model.train()
@@ -1490,7 +1699,7 @@ def train_student(student, cfg, val_loader, device, train_set=None, teacher=None
                 x = apply_mix(x, p)
             if cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(device):
+            with autocast(device, cfg.precision):
                 if cfg.labels == "teacher":
                     with torch.no_grad():
                         target = teacher(x)
@@ -1512,7 +1721,7 @@ def train_student(student, cfg, val_loader, device, train_set=None, teacher=None
         sched.step()
         last = epoch == cfg.epochs - 1
         if d.main and (last or (epoch % cfg.eval_every == 0 and epoch >= cfg.eval_from * cfg.epochs)):
-            acc = evaluate(student, val_loader, device)
+            acc = evaluate(student, val_loader, device, cfg.precision)
             history.append((epoch, acc))
             log(f"epoch {epoch:4d}  loss {float(total) / max(steps, 1):.4f}  lr {opt.param_groups[0]['lr']:.2e}  top1 {acc:.2f}")
         barrier()

@@ -123,6 +123,9 @@ def build_parser():
                    help="CDA curriculum of the RandomResizedCrop lower scale, 1.0 -> 0.08")
     g.add_argument("--milestone", type=float, default=None,
                    help="fraction of T the crop curriculum spans (0 = fixed 0.08, SRe2L)")
+    common.add_precision_arg(g)
+    g.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                   help="run the recover step eagerly on CUDA instead of as one CUDA graph per round (same maths)")
     return p
 
 
@@ -130,12 +133,12 @@ def build_parser():
 # ranking and selection (§1.1)
 # ------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def true_class_probability(teacher, ds, chunks, device, workers):
+def true_class_probability(teacher, ds, chunks, device, workers, precision="auto"):
     """Teacher softmax probability of each image's true class, one batch per chunk of indices."""
     loader = torch.utils.data.DataLoader(ds, batch_sampler=chunks, num_workers=workers)
     scores = []
     for x, y in tqdm(loader, desc="ranking", leave=False):
-        with common.autocast(device):
+        with common.autocast(device, precision):
             logits = teacher(x.to(device))
         scores.append(logits.float().softmax(1).gather(1, y.to(device)[:, None])[:, 0].cpu())
     return torch.cat(scores).tolist()
@@ -248,50 +251,77 @@ def crop_box(rng, size, min_scale, ratio=(3 / 4, 4 / 3)):
     return 0, 0, size, size  # square input, ratio range holds 1: the fallback is the whole image
 
 
-def batch_augment(x, rng, min_scale, jitter):
-    """One RandomResizedCrop + flip (+ roll) draw shared by the whole active subset, as torchvision
-    transforms applied to a batched tensor do in the official code. Gradients flow through."""
-    s = x.shape[-1]
-    i, j, h, w = crop_box(rng, s, min_scale)
-    if (h, w) != (s, s):
-        x = F.interpolate(x[:, :, i:i + h, j:j + w], size=(s, s), mode="bilinear", align_corners=False)
-    if rng.random() < 0.5:
-        x = x.flip(-1)
-    if jitter:
-        x = torch.roll(x, shifts=(rng.randint(0, jitter), rng.randint(0, jitter)), dims=(2, 3))
-    return x
+def draw_views(rng, total, size, args):
+    """Every iteration's view, drawn up front in the official loop's order (RandomResizedCrop box at
+    the curriculum's scale, flip, roll): one RandomResizedCrop + flip (+ roll) per iteration shared by
+    the whole active subset, as torchvision transforms on a batched tensor do in the official code.
+    Returns [total, 7] = (top, left, h, w, flip, dy, dx) for the device to read step by step."""
+    rows = []
+    for t in range(total):
+        i, j, h, w = crop_box(rng, size, crop_min_scale(t, total, args.crop_schedule, args.milestone))
+        flip = rng.random() < 0.5
+        dy, dx = (rng.randint(0, args.jitter), rng.randint(0, args.jitter)) if args.jitter else (0, 0)
+        rows.append((i, j, h, w, flip, dy, dx))
+    return torch.tensor(rows, dtype=torch.float32)
 
 
 @torch.no_grad()
-def full_batch_losses(teacher, hook, x, y, device):
+def full_batch_losses(teacher, hook, x, y, device, precision="auto"):
     """CE and BN-statistics loss of all images of a batch, unaugmented (before/after recover). Recover
     optimises augmented views, so the unaugmented BN loss may rise while the objective falls."""
-    with common.autocast(device):
+    with common.autocast(device, precision):
         logits = teacher(x)
     return F.cross_entropy(logits.float(), y).item(), float(hook.loss())
 
 
-def recover_views(key, total, args, n=8):
-    """n augmentation draws spread over the crop curriculum of a batch's T (t = 0, T/n, ...): a seed
-    for batch_augment's RNG and the lower crop scale at that t."""
-    return [(f"{key}-view{k}", crop_min_scale(k * total // n, total, args.crop_schedule, args.milestone))
-            for k in range(n)]
+def recover_views(key, total, size, args, n=8):
+    """n of the recover views (crop at the curriculum's scale, flip, roll) spread over a batch's T
+    (t = 0, T/n, ...), drawn as draw_views draws them from a RNG seeded by `key`: [n, 7]."""
+    table = draw_views(random.Random(key), total, size, args)
+    return table[[k * total // n for k in range(n)]]
 
 
 @torch.no_grad()
-def objective_on_views(teacher, hook, x, y, views, args, device):
-    """The recover objective CE + r_bn * BN, averaged over the same views (crop, flip, roll drawn
-    from each view's seed) for any x: how the final images score against the initial ones."""
-    total = 0.0
-    for seed, min_scale in views:
-        xs = batch_augment(x, random.Random(seed), min_scale, args.jitter)
-        with common.autocast(device):
-            logits = teacher(xs)
+def objective_on_views(teacher, hook, x, y, views, args, device, precision="auto"):
+    """The recover objective CE + r_bn * BN, averaged over the same views for any x: how the final
+    images score against the initial ones."""
+    total, s = 0.0, x.shape[-1]
+    for v in views.to(x.device):
+        wy = common.resize_weights(v[0], v[2], s, s, shift=v[5])
+        wx = common.resize_weights(v[1], v[3], s, s, flip=v[4], shift=v[6])
+        with common.autocast(device, precision):
+            logits = teacher(common.apply_views(x, wy, wx))
         total += F.cross_entropy(logits.float(), y).item() + args.r_bn * float(hook.loss())
     return total / len(views)
 
 
-def early_late_recover(teacher, hook, x0, y, group, sched, args, rng, mean, std, device):
+def recover_step(teacher, hook, x, opt, active, ys, t, views, lrs, r_bn, lo, hi, trace, precision):
+    """One recover iteration, entirely on the device with fixed shapes (so CUDA can replay it as a
+    graph): read step t's view and LR from the device tables, crop/flip/roll the active rows as two
+    resampling matrices (gradients flow through), CE + r_bn * BN loss, Adam step, clip to [0, 1]
+    pixels (§1.3.5), add (CE, BN) to this round's trace, t += 1."""
+    v = views.index_select(0, t)[0]
+    s = x.shape[-1]
+    wy = common.resize_weights(v[0], v[2], s, s, shift=v[5])
+    wx = common.resize_weights(v[1], v[3], s, s, flip=v[4], shift=v[6])
+    opt.zero_grad(set_to_none=True)
+    xs = common.apply_views(x if active is None else x.index_select(0, active), wy, wx)
+    if x.is_cuda:
+        xs = xs.contiguous(memory_format=torch.channels_last)
+    with common.autocast(x.device, precision, cache=False):  # the hook takes BN statistics in fp32
+        logits = teacher(xs)
+    ce = F.cross_entropy(logits.float(), ys)
+    bn = torch.as_tensor(hook.loss(), dtype=torch.float32, device=x.device)
+    (ce + r_bn * bn).backward()
+    opt.param_groups[0]["lr"].copy_(lrs.index_select(0, t)[0])  # cosine without warm-up (§1.3.4)
+    opt.step()
+    with torch.no_grad():
+        x.clamp_(lo, hi)
+        trace.add_(torch.stack([ce.detach(), bn.detach()]))
+        t.add_(1)
+
+
+def early_late_recover(teacher, hook, x0, y, group, sched, args, rng, mean, std, device, graphs=True):
     """Optimise a batch (normalised pixels x0, labels y, EarlyLate group of each image).
 
     Round r's active set is every image with group <= r. Leading rounds with no active image
@@ -300,7 +330,9 @@ def early_late_recover(teacher, hook, x0, y, group, sched, args, rng, mean, std,
     tensor: inactive rows get exactly zero gradient so their moments stay zero and they do not move.
     Adam's bias correction uses the global step, so an image joining at step t >> 1 takes a first
     step of lr*(1-b1)/sqrt(1-b2) = lr*0.5/sqrt(0.1) ~ 1.58*lr per pixel, not the lr of a fresh Adam
-    (kept: it is the official behaviour)."""
+    (kept: it is the official behaviour). On CUDA each round is one CUDA graph (its active set has a
+    fixed size), so a step costs the GPU work of the active images and no host time; cuDNN picks its
+    algorithms once per active-set size (cached for the process) in the eager warm-up steps."""
     cuda = str(device).startswith("cuda")
     R, first = sched["round_itr"], int(group.min())
     total = (sched["rounds"] - first) * R
@@ -308,32 +340,24 @@ def early_late_recover(teacher, hook, x0, y, group, sched, args, rng, mean, std,
     for r in range(first, sched["rounds"]):
         idx = (group <= r).nonzero().flatten().to(device)
         rounds.append((None, y) if len(idx) == len(group) else (idx, y.index_select(0, idx)))
+    views = draw_views(rng, total, x0.shape[-1], args).to(device)
+    lrs = torch.tensor([0.5 * args.lr * (1 + math.cos(math.pi * t / total)) for t in range(total)], device=device)
+    lo = torch.tensor([(0 - m) / s for m, s in zip(mean, std)], device=device).view(1, -1, 1, 1)
+    hi = torch.tensor([(1 - m) / s for m, s in zip(mean, std)], device=device).view(1, -1, 1, 1)
     x = x0.clone().to(device).requires_grad_(True)
-    opt = torch.optim.Adam([x], lr=args.lr, betas=(0.5, 0.9), eps=1e-8, **({"fused": True} if cuda else {}))
-    ce_trace, bn_trace = torch.zeros(total, device=device), torch.zeros(total, device=device)
-    for t in tqdm(range(total), desc="recover", leave=False, mininterval=2):
-        idx, ys = rounds[t // R]
-        for pg in opt.param_groups:  # cosine without warm-up over this batch's T (§1.3.4)
-            pg["lr"] = 0.5 * args.lr * (1 + math.cos(math.pi * t / total))
-        xs = x if idx is None else x.index_select(0, idx)
-        xs = batch_augment(xs, rng, crop_min_scale(t, total, args.crop_schedule, args.milestone), args.jitter)
-        if cuda:
-            xs = xs.contiguous(memory_format=torch.channels_last)
-        with common.autocast(device):  # bf16 on CUDA; the hook computes BN statistics in fp32
-            logits = teacher(xs)
-        ce = F.cross_entropy(logits.float(), ys)
-        bn = hook.loss()
-        loss = ce + args.r_bn * bn
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        common.clip_normalized(x, mean, std)  # pixel range [0, 1] per channel (§1.3.5)
-        ce_trace[t], bn_trace[t] = ce.detach(), bn.detach()
+    opt = torch.optim.Adam([x], lr=torch.tensor(args.lr, device=device), betas=(0.5, 0.9), eps=1e-8,
+                           **({"fused": True, "capturable": True} if cuda else {}))
+    t = torch.zeros(1, dtype=torch.long, device=device)
+    trace = torch.zeros(len(rounds), 2, device=device)  # per round: sum of CE, sum of BN loss
+    pool = torch.cuda.graph_pool_handle() if cuda and graphs else None
+    for r, (idx, ys) in enumerate(tqdm(rounds, desc="recover rounds", leave=False, disable=len(rounds) < 2)):
+        common.run_steps(lambda: recover_step(teacher, hook, x, opt, idx, ys, t, views, lrs, args.r_bn, lo, hi,
+                                              trace[r], args.precision), R, cuda and graphs, pool)
     active = [len(group) if idx is None else len(idx) for idx, _ in rounds]
+    trace = (trace / R).tolist()
     return x.detach(), {"iterations": total, "dropped_rounds": first, "active_per_round": active,
                         "image_iterations": sum(a * R for a in active),
-                        "ce_per_round": ce_trace.view(-1, R).mean(1).tolist(),
-                        "bn_per_round": bn_trace.view(-1, R).mean(1).tolist()}
+                        "ce_per_round": [c for c, _ in trace], "bn_per_round": [b for _, b in trace]}
 
 
 @torch.no_grad()
@@ -384,12 +408,13 @@ def load_stats(out, identity):
     return stats
 
 
-def class_record(teacher, x_init, x_final, mean, std, device):
+def class_record(teacher, x_init, x_final, mean, std, device, precision="auto"):
     """One class's diversity before/after (§5.4) and how far each rank moved from its start (RMS
     pixel change: EarlyLate's early ranks should move furthest)."""
     pix_i, pix_f = common.denormalize(x_init, mean, std).clamp(0, 1), common.denormalize(x_final, mean, std).clamp(0, 1)
-    return {"diversity_initial": within_class_similarity(teacher, x_init.to(device)),
-            "diversity_final": within_class_similarity(teacher, x_final.to(device)),
+    with common.autocast(device, precision):
+        div_i, div_f = (within_class_similarity(teacher, x.to(device)) for x in (x_init, x_final))
+    return {"diversity_initial": div_i, "diversity_final": div_f,
             "rms_change_by_rank": (pix_f - pix_i).pow(2).mean((1, 2, 3)).sqrt().tolist()}
 
 
@@ -434,10 +459,11 @@ def main(argv=None):
     if str(d.device).startswith("cuda"):
         teacher = teacher.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
+    teacher = common.cast_teacher(teacher, args.precision, d.device)  # bf16 weights once, not per forward
     run = common.RunDir(args.out, args, classes, rank=d.rank, overwrite=args.overwrite,
                         extra_artefacts=("ranking.csv", "eval_rded.json",
                                          *(f"delt_stats_rank{r}.jsonl" for r in range(1024))),
-                        ignore=("eval_student", "eval_epochs", "eval_repeats"))
+                        ignore=("eval_student", "eval_epochs", "eval_repeats", "cuda_graph"))
     run.record["normalisation"] = {"mean": list(mean), "std": list(std), "source": norm_source}
     if d.main:
         print(f"teacher inputs normalised with mean {mean} std {std} ({norm_source})")
@@ -463,7 +489,7 @@ def main(argv=None):
         with run.stage("selection", items=sum(len(by_class[c]) for c in my_classes)):
             if not os.path.isfile(ranking):
                 chunks = [by_class[c][i:i + 256] for c in my_classes for i in range(0, len(by_class[c]), 256)]
-                scores = true_class_probability(teacher, train, chunks, d.device, workers)
+                scores = true_class_probability(teacher, train, chunks, d.device, workers, args.precision)
                 order = [i for ch in chunks for i in ch]
                 rows = [(s, i, targets[i], paths[i] if paths else f"train[{i}]") for s, i in zip(scores, order)]
                 if d.world > 1:
@@ -503,16 +529,16 @@ def main(argv=None):
                     args.seed * 1000003 + c))[k] for c, k in batch])
             y_dev, x0_dev = y.to(d.device), x0.to(d.device)
             rng = random.Random(f"delt-{args.seed}-{batch[0][0]}-{batch[0][1]}")
-            before = full_batch_losses(teacher, hook, x0_dev, y_dev, d.device)
+            before = full_batch_losses(teacher, hook, x0_dev, y_dev, d.device, args.precision)
             views = recover_views(f"delt-{args.seed}-{b}", (sched["rounds"] - int(group_of_rank[[k for _, k in batch]].min()))
-                                  * sched["round_itr"], args)
-            obj_before = objective_on_views(teacher, hook, x0_dev, y_dev, views, args, d.device)
+                                  * sched["round_itr"], x0_dev.shape[-1], args)
+            obj_before = objective_on_views(teacher, hook, x0_dev, y_dev, views, args, d.device, args.precision)
             t1 = time.time()
             x, rec = early_late_recover(teacher, hook, x0_dev, y_dev, group_of_rank[[k for _, k in batch]],
-                                        sched, args, rng, mean, std, d.device)
+                                        sched, args, rng, mean, std, d.device, args.cuda_graph)
             loop_s = time.time() - t1  # the traces' .tolist() inside has synchronised the device
-            after = full_batch_losses(teacher, hook, x, y_dev, d.device)
-            obj_after = objective_on_views(teacher, hook, x, y_dev, views, args, d.device)
+            after = full_batch_losses(teacher, hook, x, y_dev, d.device, args.precision)
+            obj_after = objective_on_views(teacher, hook, x, y_dev, views, args, d.device, args.precision)
             seconds = time.time() - t0
             rec.update(batch=b, classes=sorted(set(y.tolist())), images=len(batch), seconds=round(seconds, 3),
                        ms_per_iteration=round(1000 * loop_s / rec["iterations"], 3),
@@ -531,7 +557,7 @@ def main(argv=None):
                     del finals[c], inits[c]
                     continue
                 xi, xf = (torch.stack([imgs[c][j] for j in range(args.ipc)]) for imgs in (inits, finals))
-                log_stats("class", c, class_record(teacher, xi, xf, mean, std, d.device))
+                log_stats("class", c, class_record(teacher, xi, xf, mean, std, d.device, args.precision))
                 run.write_class(c, common.denormalize(xf, mean, std).clamp(0, 1))
                 del finals[c], inits[c]
     hook.remove()
@@ -579,7 +605,7 @@ def main(argv=None):
                "--teacher", args.teacher, "--student", student, "--mean", *map(str, mean), "--std", *map(str, std),
                "--repeats", str(args.eval_repeats),
                "--rand-augment", "rand-m6-n2-mstd1.0", "--min-scale", "0.25", "--factor", "1",
-               "--baseline", "random", "--seed", str(args.seed), "--device", args.device]
+               "--baseline", "random", "--seed", str(args.seed), "--device", args.device, "--precision", args.precision]
         cmd += ["--data-path", args.data_path] if args.data_path else []
         cmd += ["--teacher-path", args.teacher_path] if args.teacher_path else []
         cmd += ["--epochs", str(args.eval_epochs)] if args.eval_epochs else []

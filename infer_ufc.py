@@ -50,7 +50,6 @@ import time
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2 as T
-import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from tqdm import tqdm
 
@@ -102,6 +101,9 @@ def build_parser():
     g.add_argument("--jitter", type=int, default=None, help="largest roll shift in pixels (0..jitter)")
     g.add_argument("--class-chunk", type=int, default=None,
                    help="classes per forward; gradients accumulate so u still sees all C (default: all)")
+    common.add_precision_arg(g)
+    g.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                   help="run the UFC step eagerly on CUDA instead of as one CUDA graph (same maths)")
     g = p.add_argument_group("DWA directed weight adjustment (§1.7; off by default, not part of INFER)")
     g.add_argument("--dwa-steps", type=int, default=None, help="K_s normalised gradient-ascent steps on the teacher")
     g.add_argument("--rho", type=float, default=None, help="total length of the weight perturbation")
@@ -189,14 +191,6 @@ def draw_view(kind, size, jitter, g):
     return view
 
 
-def apply_view(x, view):
-    if "box" in view:
-        top, left, h, w = view["box"]
-        x = TF.resized_crop(x, top, left, h, w, list(x.shape[-2:]), antialias=True)
-        x = x.flip(-1) if view["flip"] else x
-    return torch.roll(x, shifts=view["roll"], dims=(2, 3))
-
-
 def dwa_adjust(teacher, x, y, steps, rho, jitter, chunk):
     """DWA (§1.7, perterb.py:19-32): a copy of the teacher moved `steps` times by (rho/steps) * g/||g||,
     g = grad of the CE of the jittered real set (normalised gradient ASCENT), eval mode kept. The
@@ -220,35 +214,62 @@ def dwa_adjust(teacher, x, y, steps, rho, jitter, chunk):
     return common.freeze(model)
 
 
-def optimise_ufc(teacher, real_norm, args, g, device):
+def view_table(kind, size, jitter, g, iterations):
+    """Every iteration's view (draw_view, in the loop's order) as rows (top, left, h, w, flip, dy, dx)
+    for the device to read step by step; roll-only views are the whole image, unflipped."""
+    rows = []
+    for _ in range(iterations):
+        v = draw_view(kind, size, jitter, g)
+        rows.append((*v.get("box", (0, 0, size, size)), v.get("flip", False), *v["roll"]))
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def ufc_step(teacher, hook, u, opt, real_norm, targets, chunk, t, views, lrs, r_bn, losses, precision):
+    """One UFC iteration on the device with fixed shapes (CUDA replays it as a graph): step t's view
+    (resized crop, flip, roll as two resampling matrices) on every chunk of x_c + u, gradients
+    accumulated over the chunks, the LR of step t, one Adam step; losses[t] += the chunks' losses."""
+    v = views.index_select(0, t)[0]
+    s = real_norm.shape[-1]
+    wy = common.resize_weights(v[0], v[2], s, s, shift=v[5])
+    wx = common.resize_weights(v[1], v[3], s, s, flip=v[4], shift=v[6])
+    C = len(real_norm)
+    opt.zero_grad(set_to_none=True)
+    for lo in range(0, C, chunk):
+        x = common.apply_views(real_norm[lo:lo + chunk] + u, wy, wx)  # same view for every chunk
+        if x.is_cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with common.autocast(x.device, precision, cache=False):
+            logits = teacher(x)
+        n = len(x)
+        ce = F.cross_entropy(logits.float(), targets[lo:lo + n], reduction="sum") / C
+        loss = ce + r_bn * torch.as_tensor(hook.loss(), dtype=torch.float32, device=x.device) * (n / C)
+        loss.backward()
+        losses.index_add_(0, t, loss.detach().view(1))
+    opt.param_groups[0]["lr"].copy_(lrs.index_select(0, t)[0])  # cosine, no warm-up (utils.py:74-84)
+    opt.step()
+    with torch.no_grad():
+        t.add_(1)
+
+
+def optimise_ufc(teacher, real_norm, args, g, device, graph=True):
     """One UFC u (1x3xHxW, zeros; ufc_cifar.py:50) added to every row of real_norm [C,3,H,W]:
     L(u) = mean_c CE(f(A(x_c + u)), c) + r_bn * sum_l w_l (||mu_l - mu_l^run|| + r_var ||var_l - var_l^run||),
     Adam(betas 0.5/0.9) on u alone, lr cosine-annealed from args.lr at every step (utils.py:74-84).
-    Returns u and the per-step losses."""
+    On CUDA the step is one CUDA graph replayed T times. Returns u and the per-step losses."""
     C = len(real_norm)
-    chunk = args.class_chunk or C
+    cuda = str(device).startswith("cuda")
     targets = torch.arange(C, device=device)
     u = torch.zeros(1, *real_norm.shape[1:], device=device, requires_grad=True)
-    opt = torch.optim.Adam([u], lr=args.lr, betas=(0.5, 0.9), eps=1e-8)
+    opt = torch.optim.Adam([u], lr=torch.tensor(args.lr, device=device), betas=(0.5, 0.9), eps=1e-8,
+                           **({"fused": True, "capturable": True} if cuda else {}))
+    views = view_table(args.augment, real_norm.shape[-1], args.jitter, g, args.iterations).to(device)
+    T_ = args.iterations
+    lrs = torch.tensor([0.5 * args.lr * (1 + math.cos(math.pi * t / T_)) for t in range(T_)], device=device)
     hook = common.BNStatsHook(teacher, args.first_bn_multiplier, args.r_var)
-    losses = torch.zeros(args.iterations, device=device)
-    cuda = str(device).startswith("cuda")
-    for t in range(args.iterations):
-        opt.param_groups[0]["lr"] = 0.5 * args.lr * (1 + math.cos(math.pi * t / args.iterations))
-        view = draw_view(args.augment, real_norm.shape[-1], args.jitter, g)  # same view for every chunk
-        opt.zero_grad(set_to_none=True)
-        for lo in range(0, C, chunk):
-            x = apply_view(real_norm[lo:lo + chunk] + u, view)
-            if cuda:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with common.autocast(device):
-                logits = teacher(x)
-            n = len(x)
-            ce = F.cross_entropy(logits.float(), targets[lo:lo + n], reduction="sum") / C
-            loss = ce + args.r_bn * hook.loss() * (n / C)
-            loss.backward()
-            losses[t] += loss.detach()
-        opt.step()
+    losses = torch.zeros(T_, device=device)
+    t = torch.zeros(1, dtype=torch.long, device=device)
+    common.run_steps(lambda: ufc_step(teacher, hook, u, opt, real_norm, targets, args.class_chunk or C, t, views, lrs,
+                                      args.r_bn, losses, args.precision), T_, cuda and graph)
     hook.remove()
     return u.detach(), losses.cpu()
 
@@ -310,6 +331,8 @@ def main(argv=None):
     teachers = [common.load_teacher(a, args.dataset, p, args.data_path, device=d.device) for a, p in zip(archs, paths)]
     if str(d.device).startswith("cuda"):
         teachers = [t.to(memory_format=torch.channels_last) for t in teachers]
+    if args.dwa_steps == 0:  # bf16 weights once, not per forward (DWA moves fp32 copies: cast after it)
+        teachers = [common.cast_teacher(t, args.precision, d.device) for t in teachers]
 
     # --- stage 2: K real init sets, one training image per class each (§1.3) ---
     classes = common.class_list(args.dataset, args.data_path)
@@ -317,7 +340,7 @@ def main(argv=None):
                                         0 if args.dataset == "digits" else args.workers)
     run = common.RunDir(args.out, args, classes, rank=d.rank, overwrite=args.overwrite,
                         extra_artefacts=("ufc.pt", "ufc_parts", "eval_static.json", "eval_static_teacher.json"),
-                        ignore=("baseline",))
+                        ignore=("baseline", "cuda_graph"))
     run.record.update({"budget": b, "teachers": archs, "teacher_norm": {"mean": mean, "std": std}})
 
     # --- stage 3: the K*M UFCs, each against ONE teacher (§1.4-1.5, §1.7), sharded over ranks ---
@@ -338,7 +361,8 @@ def main(argv=None):
                     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=g)))
                     teacher = dwa_adjust(teacher, real_norm, torch.arange(C, device=d.device), args.dwa_steps,
                                          args.rho, args.jitter, args.class_chunk or C)
-            u, losses = optimise_ufc(teacher, real_norm, args, g, d.device)
+                teacher = common.cast_teacher(teacher, args.precision, d.device)
+            u, losses = optimise_ufc(teacher, real_norm, args, g, d.device, args.cuda_graph)
             common.atomic_torch_save({"k": k, "m": m, "ufc": u.cpu(), "losses": losses}, part_path(args.out, k, m))
             if d.main:
                 tqdm.write(f"ufc k={k} m={m} ({archs[m]}): loss {losses[0]:.4f} -> {losses[-1]:.4f} in {time.time() - t0:.1f}s")
@@ -374,7 +398,7 @@ def main(argv=None):
                 folder = run.class_dir(c)
                 files = sorted(f for f in os.listdir(folder) if f.endswith("." + args.format))
                 x = torch.stack([common.to_tensor()(Image.open(os.path.join(folder, f)).convert("RGB")) for f in files])
-                with torch.no_grad(), common.autocast(d.device):  # the unaugmented view of the written file
+                with torch.no_grad(), common.autocast(d.device, args.precision):  # the unaugmented view of the written file
                     logits += [ensemble(common.normalize(b.to(d.device), mean, std)).float().cpu() for b in x.split(500)]
             common.atomic_torch_save(torch.cat(logits).half(), labels_path)
     losses = compact["losses"]
@@ -397,7 +421,7 @@ def main(argv=None):
         import validate_fkd
         common_flags = ["--syn-data-path", args.out, "--dataset", args.dataset, "--protocol", "static",
                         "--teacher", ",".join(archs), "--repeats", str(args.eval_repeats), "--seed", str(args.seed),
-                        "--device", args.device, "--mean", *map(str, mean), "--std", *map(str, std)]
+                        "--device", args.device, "--precision", args.precision, "--mean", *map(str, mean), "--std", *map(str, std)]
         common_flags += ["--data-path", args.data_path] if args.data_path else []
         common_flags += ["--teacher-path", args.teacher_path] if args.teacher_path else []
         epochs = args.eval_epochs

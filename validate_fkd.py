@@ -229,6 +229,11 @@ def build_parser():
     g.add_argument("--seed", type=int, default=0, help="first student seed")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--workers", type=int, default=None, help="data-loading processes (default 0 for digits, 8 else)")
+    common.add_precision_arg(g)
+    g.add_argument("--augment-on", default="auto", choices=("auto", "loader", "device"),
+                   help="where training views are made: per image in loader processes, or batched on the training "
+                        "device from a uint8 copy of the set (same distributions); auto = device on CUDA unless "
+                        "RandAugment, ColorJitter or Lighting is on (those stay in the loader)")
     return p
 
 
@@ -322,7 +327,7 @@ def recipe_for(args, ipc, n_images):
                               schedule=args.schedule, milestones=tuple(milestones), gamma=args.gamma,
                               temperature=args.temperature or 1.0, t_squared=bool(args.t_squared),
                               mix=args.mix or "none", alpha=args.alpha or 1.0, eval_every=eval_every,
-                              eval_from=args.eval_from, seed=args.seed, workers=args.workers)
+                              eval_from=args.eval_from, seed=args.seed, workers=args.workers, precision=args.precision)
 
 
 def recipe_record(args, cfg):
@@ -357,7 +362,8 @@ def load_teachers(args, device):
     paths = args.teacher_path.split(",") if args.teacher_path else [None] * len(archs)
     if len(paths) != len(archs):
         raise common.UserError(f"--teacher-path lists {len(paths)} checkpoints for {len(archs)} teacher architectures")
-    teachers = [common.load_teacher(a, args.dataset, p, args.data_path, device=device) for a, p in zip(archs, paths)]
+    teachers = [common.cast_teacher(common.load_teacher(a, args.dataset, p, args.data_path, device=device),
+                                    args.precision, device) for a, p in zip(archs, paths)]
     return teachers[0] if len(teachers) == 1 else common.Ensemble(teachers).eval()
 
 
@@ -367,9 +373,17 @@ def ensemble_logits(teacher, images, args, device):
     out = []
     for x in images.split(256):
         x = common.normalize(x.float().to(device) / 255, args.mean, args.std)
-        with common.autocast(device):
+        with common.autocast(device, args.precision):
             out.append(teacher(x).float().cpu())
     return torch.cat(out)
+
+
+def augment_on_device(args, device):
+    """Batched views on the device (common.DeviceAugment) unless an op it does not batch is on."""
+    per_image_only = bool(args.rand_augment or args.color_jitter or args.lighting)
+    if args.augment_on == "device" and per_image_only:
+        raise common.UserError("--augment-on device does not do RandAugment, ColorJitter or Lighting: use --augment-on loader")
+    return args.augment_on == "device" or (args.augment_on == "auto" and str(device).startswith("cuda") and not per_image_only)
 
 
 def train_once(args, images, targets, cfg, teacher, static_labels, fkd_dir, val_loader, d, train_set=None):
@@ -381,6 +395,10 @@ def train_once(args, images, targets, cfg, teacher, static_labels, fkd_dir, val_
     if cfg.labels == "fkd":
         meta = common.fkd_meta(fkd_dir)
         fkd = {"images": images, "dir": fkd_dir, "size": meta["size"], "mean": meta["mean"], "std": meta["std"]}
+    elif train_set is None and augment_on_device(args, d.device):
+        aug = common.DeviceAugment(args.size, args.mean, args.std, crop=args.crop, min_scale=args.min_scale,
+                                   flip=bool(args.flip), factor=args.factor or 1)
+        train_set = common.DeviceImageSet(images, targets, aug)
     elif train_set is None:
         train_set = common.IndexedDataset(images, targets, train_view(args))
     return common.train_student(student, cfg, val_loader, d.device, train_set=train_set, teacher=teacher,
@@ -443,7 +461,7 @@ def store_fkd_labels(args, images, ipc, teacher, fkd_dir, epochs, d):
         info = common.dataset_info(args.dataset)
         bs = args.relabel_batch_size or min(rded_batch_size(ipc, info.num_classes, args.dataset, args.student), len(images))
         common.fkd_generate(images, teacher, fkd_dir, epochs, bs, args.size, args.mean, args.std, args.mix or "cutmix",
-                            args.alpha or 1.0, 0.08, bool(args.flip), args.seed, d.device)
+                            args.alpha or 1.0, 0.08, bool(args.flip), args.seed, d.device, precision=args.precision)
     common.barrier()
 
 
@@ -661,6 +679,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     method, source = choose_preset(args)
     args = resolve(args, method)
+    augment_on_device(args, args.device)  # refuses --augment-on device with per-image-only ops, before any output
     if not args.syn_data_path and not args.random_real:
         raise common.UserError("give --syn-data-path (a set to evaluate) or --random-real IPC (random real subsets only)")
     if args.export_ddranking and not args.syn_data_path:
@@ -747,7 +766,7 @@ def main(argv=None):
             record["improvement_over_random"] = record["best_mean"] - base["best_mean"]
         else:
             record.update(base)
-    record["recipe"] = recipe_record(args, cfg)
+    record["recipe"] = {**recipe_record(args, cfg), "augment_on": "device" if augment_on_device(args, d.device) else "loader"}
     if args.lr_search:
         record["lr_search"] = {"rates": list(LR_GRID), "selected_on": "the test set (DD-Ranking's rule): optimistic",
                                "distilled": [r.get("lr") for r in record.get("runs", [])] if folder else None,
