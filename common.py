@@ -90,7 +90,9 @@ def run_cli(main):
             print("interrupted: rerun the same command to resume where it stopped", file=sys.stderr)
         sys.exit(143 if e.args == (signal.SIGTERM,) else 130)
     except Exception as e:
-        if _peer_failed(e):  # another process of the job failed and said why; no second traceback
+        if _peer_failed(e):  # another process of the job failed and says why; no second traceback
+            print(f"[rank {os.environ.get('RANK', '0')}] stopped: another process of this torchrun job failed",
+                  file=sys.stderr)
             sys.exit(1)
         raise
     finally:
@@ -952,7 +954,11 @@ class RunDir:
     different run unless `overwrite`, writes classes.json and run.json, writes each class atomically
     (a temp folder renamed into place), says which classes are already complete, times stages, and
     finishes with status "done" and a preview grid. Under torchrun every rank writes its own class
-    folders; rank 0 alone writes the shared files."""
+    folders; rank 0 alone writes the shared files. Rank 0 holds the folder's lock file (.lock: pid,
+    host) until the run finishes or the process ends; a second run on the folder stops with who holds
+    it, and a lock whose process is gone is taken over. A folder that holds only the record of a start
+    that did no work (status running, no stage done, nothing but records, temp files, empty folders)
+    is replaced without --overwrite."""
 
     CONTRACT = ("classes.json", "run.json", "soft_labels.pt", "fkd", "preview.png")
     LOCK = ".lock"  # {"pid", "host", "started", "argv"} of the process writing the folder
