@@ -6,6 +6,7 @@ with stored FKD labels, the image-set writer and run record of the on-disk contr
 device/dtype choice and torchrun helpers. Nothing in here belongs to one paper: a method's
 algorithm lives whole in its own file.
 """
+import atexit
 import contextlib
 import datetime
 import importlib.metadata
@@ -13,6 +14,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -37,16 +39,64 @@ class UserError(Exception):
     """A mistake in the input (path, flag, checkpoint, class order): reported in one sentence."""
 
 
+def user_sentence(e):
+    """The sentence of a UserError, also when torch re-raised it from a DataLoader worker: the message
+    then holds the worker's traceback, whose last line is "common.UserError: <sentence>"."""
+    msg = str(e).strip()
+    if "Original Traceback" in msg:
+        msg = msg.splitlines()[-1].split("UserError: ", 1)[-1]
+    return msg
+
+
+def _peer_failed(e):
+    """A collective broken because another torchrun process stopped (that process reports why)."""
+    return (int(os.environ.get("WORLD_SIZE", "1")) > 1 and isinstance(e, RuntimeError)
+            and any(s in str(e) for s in ("closed by peer", "reset by peer", "Broken pipe", "NCCL communicator was aborted")))
+
+
+def _elastic_error(sentence):
+    """Under torchrun, hand the sentence to the launcher, which shows it as the failure's root cause."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        with contextlib.suppress(OSError):
+            with open(path, "w") as f:
+                json.dump({"message": {"message": sentence, "extraInfo": {"py_callstack": sentence,
+                                                                          "timestamp": str(int(time.time()))}}}, f)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signum)
+
+
 def run_cli(main):
-    """Run a script's main(); a UserError becomes one line on stderr and exit code 2."""
+    """Run a script's main(); a UserError (also one raised in a DataLoader worker or another torchrun
+    process) becomes one line on stderr and exit code 2; SIGINT (Ctrl-C) and SIGTERM stop the run with
+    one line and exit code 130/143: every file is written atomically, so a rerun resumes. A fresh --out
+    of a start that failed before doing any work is removed again (RunDir.rollback_failed_start)."""
+    import signal
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored (nohup, &)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        sentence = f"error: {user_sentence(e)}"
+        RunDir.rollback_failed_start()
+        _elastic_error(sentence)
+        print(sentence, file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command to resume where it stopped", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up below
+        if os.environ.get("RANK", "0") == "0":
+            print("interrupted: rerun the same command to resume where it stopped", file=sys.stderr)
+        sys.exit(143 if e.args == (signal.SIGTERM,) else 130)
+    except Exception as e:
+        if _peer_failed(e):  # another process of the job failed and says why; no second traceback
+            print(f"[rank {os.environ.get('RANK', '0')}] stopped: another process of this torchrun job failed",
+                  file=sys.stderr)
+            sys.exit(1)
+        raise
+    finally:
+        RunDir.release_locks()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,9 +353,15 @@ def check_classes_json(folder, classes, what="the set"):
         print(f"warning: {folder} has no classes.json; its class folders are taken in sorted order "
               f"as class 0..{len(classes) - 1}")
         return False
-    with open(path) as f:
-        theirs = json.load(f)
-    if [c["id"] for c in theirs] != [c["id"] for c in classes]:
+    try:
+        with open(path) as f:
+            theirs = json.load(f)
+        ids = [c["id"] for c in theirs]
+    except (ValueError, TypeError, KeyError) as e:
+        problem = f"is damaged ({e.msg} at line {e.lineno})" if isinstance(e, json.JSONDecodeError) else \
+            "is not a list of {index, name, id} entries"
+        raise UserError(f"{path} {problem}: restore it, or delete it to take the class folders in sorted order") from e
+    if ids != [c["id"] for c in classes]:
         first = next((i for i, (a, b) in enumerate(zip(theirs, classes)) if a["id"] != b["id"]),
                      min(len(theirs), len(classes)))
         raise UserError(f"{what} at {folder} was made with a different class order or class set than "
@@ -614,11 +670,15 @@ def load_state(model, path, what="checkpoint"):
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot read {what} {path} as a weights-only torch checkpoint ({e.__class__.__name__})") from e
+        raise UserError(f"{what} {path} {_checkpoint_problem(path, e)}") from e
     for key in ("model", "state_dict", "net"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
             break
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        kind = "an empty dict" if sd == {} else f"a {type(sd).__name__}" if not isinstance(sd, dict) else "a dict of non-tensors"
+        raise UserError(f"{what} {path} holds {kind}, not a state dict of named tensors: save the model with "
+                        f"torch.save(model.state_dict(), path)")
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
     if isinstance(model, ConvNet):
         sd = convnet_keys(sd)
@@ -654,6 +714,21 @@ def convnet_keys(sd):
             return f"features.{4 * int(parts[2]) + (parts[1] == 'norm')}." + ".".join(parts[3:])
         return "fc." + k[len("classifier."):] if k.startswith("classifier.") else k
     return {rename(k): v for k, v in sd.items()}
+
+
+def _checkpoint_problem(path, e):
+    """What is wrong with a file torch.load(weights_only=True) refused, in words."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        return "is empty"
+    found = re.search(r"GLOBAL ([\w.]+)", str(e))
+    if found:
+        return (f"holds Python objects besides tensors (such as {found.group(1)}), which the safe weights-only load "
+                f"refuses: re-save the state dict alone")
+    if head.startswith(b"PK"):  # the zip archive torch.save writes
+        return "is a damaged or truncated torch archive (copy it again)"
+    return "is not a torch checkpoint (neither the zip archive torch.save writes nor a pickle of tensors)"
 
 
 def _classifier_keys(state):
@@ -978,15 +1053,25 @@ def shard(items, rank, world):
 # ----------------------------------------------------------------------------------------------
 def atomic_write_json(path, obj):
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:  # interrupted or failed: no temp file left behind
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def atomic_torch_save(obj, path):
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def package_versions():
@@ -1021,14 +1106,30 @@ VOLATILE_ARGS = {"eval", "device", "overwrite", "workers", "out", "eval_protocol
                  "eval_epochs"}
 
 
+def _pid_alive(pid):
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
 class RunDir:
     """An output folder of the on-disk contract (shared/DESIGN.md). It refuses to write over a
     different run unless `overwrite`, writes classes.json and run.json, writes each class atomically
     (a temp folder renamed into place), says which classes are already complete, times stages, and
     finishes with status "done" and a preview grid. Under torchrun every rank writes its own class
-    folders; rank 0 alone writes the shared files."""
+    folders; rank 0 alone writes the shared files. Rank 0 holds the folder's lock file (.lock: pid,
+    host) until the run finishes or the process ends; a second run on the folder stops with who holds
+    it, and a lock whose process is gone is taken over. A folder that holds only the record of a start
+    that did no work (status running, no stage done, nothing but records, temp files, empty folders)
+    is replaced without --overwrite."""
 
     CONTRACT = ("classes.json", "run.json", "soft_labels.pt", "fkd", "preview.png")
+    LOCK = ".lock"  # {"pid", "host", "started", "argv"} of the process writing the folder
+    _active = []  # RunDirs of this process: their locks are released and failed starts rolled back at exit
 
     def __init__(self, out, args, classes, argv=None, rank=0, overwrite=False, extra_artefacts=(),
                  ignore=()):
@@ -1037,14 +1138,29 @@ class RunDir:
                          if k not in VOLATILE_ARGS and k not in ignore}
         self.fmt = getattr(args, "format", "png")
         self.record_path = os.path.join(out, "run.json")
-        old = self._read_record()
+        self.lock_path = os.path.join(out, self.LOCK)
+        self.locked = False
+        before = sorted(os.listdir(out)) if os.path.isdir(out) else None
+        self.fresh, self._before = False, before  # set for real once the record is read
+        if rank == 0:
+            try:
+                os.makedirs(out, exist_ok=True)
+            except OSError as e:
+                raise UserError(f"cannot create --out {out}: {e.strerror or e}") from e
+            RunDir._active.append(self)
+            self._lock()  # before anything in the folder is read or changed
+        old = self._read_record(overwrite)
+        self.fresh = old is None and not (before or [])  # nothing of an earlier run was there
         if old is not None and old.get("identity") != self.identity:
-            if not overwrite:
+            failed_start = old.get("status") == "running" and not old.get("stages") and self._holds_no_work()
+            if not overwrite and not failed_start:
                 diff = sorted(k for k in set(old.get("identity", {})) | set(self.identity)
                               if old.get("identity", {}).get(k) != self.identity.get(k))
                 raise UserError(f"{out} holds a different run (differs in {', '.join(diff[:5]) or 'its record'}); "
                                 f"pass --overwrite to replace it or choose another --out")
             if rank == 0:
+                if failed_start and not overwrite:
+                    print(f"note: {out} holds only the record of an unfinished start that did no work; replacing it")
                 self._clear(extra_artefacts)
             old = None
         elif old is None and os.path.isdir(out) and any(self._is_class_dir(e) for e in os.listdir(out)):
@@ -1053,7 +1169,8 @@ class RunDir:
                                 f"or choose another --out")
             if rank == 0:
                 self._clear(extra_artefacts)
-        os.makedirs(out, exist_ok=True)
+        if rank == 0:
+            self._remove_temps()
         barrier()
         if old is not None and os.path.isfile(os.path.join(out, "classes.json")):
             check_classes_json(out, classes, "the earlier run")
@@ -1070,11 +1187,115 @@ class RunDir:
     def _is_class_dir(name):
         return len(name) == 5 and name.isdigit()
 
-    def _read_record(self):
+    def _read_record(self, overwrite=False):
         if not os.path.isfile(self.record_path):
             return None
-        with open(self.record_path) as f:
-            return json.load(f)
+        try:
+            with open(self.record_path) as f:
+                record = json.load(f)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+            return record
+        except ValueError as e:
+            if overwrite:
+                return {"identity": None}  # a different run: cleared below
+            raise UserError(f"{self.record_path} is damaged ({e}): pass --overwrite to replace the run in "
+                            f"{self.out}, or choose another --out") from e
+
+    def _holds_no_work(self):
+        """True when the folder holds only bookkeeping: records, the lock, temp files, empty folders."""
+        for e in os.scandir(self.out):
+            if e.name in ("run.json", "classes.json", self.LOCK) or ".tmp" in e.name:
+                continue
+            if not (e.is_dir() and not os.listdir(e.path)):
+                return False
+        return True
+
+    def _remove_temps(self):
+        """Temp files and folders of an interrupted run (writes are temp + rename: never counted as done)."""
+        for name in os.listdir(self.out):
+            if name.startswith(".tmp-") or re.search(r"\.tmp\d+$", name):
+                p = os.path.join(self.out, name)
+                shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.remove(p)
+
+    def _lock(self):
+        """Take the folder's lock file, or stop with who holds it. A lock whose process is gone (same
+        host) is stale and taken over; one of another host is refused with the way to clear it."""
+        import socket
+        me = {"pid": os.getpid(), "host": socket.gethostname(),
+              "started": datetime.datetime.now().isoformat(timespec="seconds"), "argv": sys.argv}
+        tmp = f"{self.lock_path}.tmp{os.getpid()}"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(me, f)
+        except OSError as e:
+            raise UserError(f"cannot write in --out {self.out}: {e.strerror or e}") from e
+        try:
+            for _ in range(3):
+                try:
+                    os.link(tmp, self.lock_path)  # atomic: the lock appears with its content, or not at all
+                except FileExistsError:
+                    holder = self._lock_holder()
+                    if holder.get("pid") == me["pid"] and holder.get("host") == me["host"]:
+                        break  # this process already holds it (main() called again in one process)
+                    if holder.get("host") == me["host"] and not _pid_alive(holder.get("pid")):
+                        print(f"note: removing the stale lock of process {holder.get('pid')} on {holder.get('host')}, "
+                              f"which is gone")
+                        with contextlib.suppress(FileNotFoundError):
+                            os.remove(self.lock_path)
+                        continue
+                    raise UserError(f"{self.out} is in use by another run (process {holder.get('pid')} on host "
+                                    f"{holder.get('host')}, started {holder.get('started')}); wait for it to end or "
+                                    f"choose another --out (if that process is gone, delete {self.lock_path})")
+                if self._lock_holder().get("pid") == me["pid"]:
+                    break
+            else:
+                raise UserError(f"cannot take the lock {self.lock_path}: another run keeps taking it")
+        finally:
+            os.remove(tmp)
+        self.locked = True
+        atexit.register(self.release)
+
+    def _lock_holder(self):
+        try:
+            with open(self.lock_path) as f:
+                holder = json.load(f)
+            return holder if isinstance(holder, dict) else {}
+        except (OSError, ValueError):
+            return {}  # unreadable: treated as stale below only on this host's terms
+
+    def release(self):
+        """Remove this process's lock (at finish, and at exit by run_cli or atexit)."""
+        if self.locked:
+            self.locked = False
+            if self._lock_holder().get("pid") == os.getpid():
+                with contextlib.suppress(OSError):
+                    os.remove(self.lock_path)
+
+    @classmethod
+    def release_locks(cls):
+        for run in cls._active:
+            run.release()
+
+    @classmethod
+    def rollback_failed_start(cls):
+        """After a UserError: a fresh --out in which this (single) process did no work is put back as
+        it was (removed, if this run created it), so the corrected command starts clean."""
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            return  # other ranks may have written: the next start sees an unfinished start instead
+        for run in cls._active:
+            if run.locked and run.fresh and os.path.isdir(run.out) and not run.record_stages() and run._holds_no_work():
+                run.release()
+                for name in os.listdir(run.out):
+                    if name not in (run._before or []):
+                        p = os.path.join(run.out, name)
+                        shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.remove(p)
+                if run._before is None:
+                    with contextlib.suppress(OSError):
+                        os.rmdir(run.out)
+
+    def record_stages(self):
+        return getattr(self, "record", {}).get("stages")
 
     def _clear(self, extra):
         for name in os.listdir(self.out):
@@ -1129,6 +1350,7 @@ class RunDir:
                             "finished": datetime.datetime.now().isoformat(timespec="seconds")})
         self.save_record()
         save_preview(self.out)
+        self.release()
 
 
 JPEG_QUALITY = 75  # PIL's default, which the official DELT/SRe2L/RDED/INFER save_images rely on
@@ -1199,6 +1421,21 @@ def hub_from_pretrained(cls, name, flag, **kwargs):
         if os.path.isdir(name):
             raise UserError(f"cannot load {name} as a {cls.__name__} folder ({e.__class__.__name__}: "
                             f"{str(e).splitlines()[0][:200]})") from e
+        raise UserError(f"cannot load {name!r} from the Hugging Face hub (offline, or no such model) and no local "
+                        f"folder has that name; download it elsewhere and pass the folder with {flag}") from e
+
+
+def hub_check(name, flag, filename="config.json"):
+    """Stop before any output when the model `name` (hub id or folder) is not there: a folder must hold
+    `filename`; a hub id must resolve it (from the local cache when offline). Loads no weights."""
+    if os.path.isdir(name):
+        if not os.path.isfile(os.path.join(name, filename)):
+            raise UserError(f"{name} holds no {filename}: it is not a saved model folder for {flag}")
+        return
+    try:
+        from huggingface_hub import hf_hub_download
+        hf_hub_download(name, filename)
+    except Exception as e:
         raise UserError(f"cannot load {name!r} from the Hugging Face hub (offline, or no such model) and no local "
                         f"folder has that name; download it elsewhere and pass the folder with {flag}") from e
 
@@ -1616,10 +1853,13 @@ def fkd_meta(fkd_dir):
     """The recipe of the FKD labels stored for the set at `fkd_dir` (fkd_meta.json, or fkd/meta.json)."""
     path = fkd_path(fkd_dir, "meta.json")
     if not os.path.isfile(path):
-        raise UserError(f"{fkd_dir} holds no stored FKD soft labels (fkd_meta.json missing): make them first "
-                        f"(e.g. d4m.py --ttm-epochs) or choose another --protocol")
-    with open(path) as f:
-        return json.load(f)
+        raise UserError(f"{fkd_dir} holds no stored FKD soft labels (fkd_meta.json missing): make them first with "
+                        f"validate_fkd.py --relabel-epochs N (or d4m.py --ttm-epochs N), or choose another --protocol")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise UserError(f"{path} is damaged ({e}): delete it and store the labels again") from e
 
 
 # ----------------------------------------------------------------------------------------------

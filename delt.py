@@ -428,8 +428,11 @@ def mean_of(values):
 # ------------------------------------------------------------------------------------------------
 def main(argv=None):
     args = common.apply_presets(build_parser().parse_args(argv), PRESETS, DEFAULTS)
-    if args.ipc < 1 or args.batch_size < 1 or args.iterations < 1 or args.lr <= 0 or args.milestone < 0 or args.jitter < 0:
-        raise common.UserError("--ipc, --batch-size and --iterations must be >= 1, --lr > 0, --milestone and --jitter >= 0")
+    for flag, bad, rule in (("ipc", args.ipc < 1, ">= 1"), ("batch-size", args.batch_size < 1, ">= 1"),
+                            ("iterations", args.iterations < 1, ">= 1"), ("lr", args.lr <= 0, "> 0"),
+                            ("milestone", args.milestone < 0, ">= 0"), ("jitter", args.jitter < 0, ">= 0")):
+        if bad:
+            raise common.UserError(f"--{flag} must be {rule}, not {getattr(args, flag.replace('-', '_'))}")
     if args.early_late and (args.round_itr <= 0 or args.iterations % args.round_itr):
         raise common.UserError(f"EarlyLate needs --iterations ({args.iterations}) to be a positive multiple of "
                                f"--round-itr ({args.round_itr}); or pass --no-early-late")
@@ -468,11 +471,13 @@ def main(argv=None):
     if d.main:
         print(f"teacher inputs normalised with mean {mean} std {std} ({norm_source})")
     identity = json.loads(json.dumps(run.identity))
-    stats_file = open_stats(args.out, d.rank, identity)
+    stats_files = []  # opened at the first record, so a start that fails before any work leaves no file
 
     def log_stats(kind, key, entry):
-        stats_file.write(json.dumps({"kind": kind, "id": key, **entry}, separators=(",", ":")) + "\n")
-        stats_file.flush()
+        if not stats_files:
+            stats_files.append(open_stats(args.out, d.rank, identity))
+        stats_files[0].write(json.dumps({"kind": kind, "id": key, **entry}, separators=(",", ":")) + "\n")
+        stats_files[0].flush()
 
     batches, chains = plan_batches(len(classes), args.ipc, args.batch_size)
     mine = [b for chain in common.shard(chains, d.rank, d.world) for b in chain]
@@ -561,7 +566,8 @@ def main(argv=None):
                 run.write_class(c, common.denormalize(xf, mean, std).clamp(0, 1))
                 del finals[c], inits[c]
     hook.remove()
-    stats_file.close()
+    for f in stats_files:
+        f.close()
 
     # --- stage 3: the record (rank 0 gathers every rank's per-batch and per-class stats) ---
     common.barrier()

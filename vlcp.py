@@ -501,8 +501,24 @@ def main(argv=None):
     selected = [i for idx in per_class for i in idx]
     keys = image_keys(train, args.dataset, classes)
     captions_path = args.captions or os.path.join(args.out, "captions.jsonl")
-    if args.captions and os.path.isfile(args.captions):
-        read_captions(args.captions)  # a malformed file stops here, before the output is touched
+    if args.captions and not os.path.isfile(args.captions) and os.path.exists(args.captions):
+        raise common.UserError(f"--captions {args.captions} is not a file")
+    # models and captions are checked here, before the output is touched (a malformed file stops in read_captions)
+    known = read_captions(captions_path) if os.path.isfile(captions_path) else {}
+    uncaptioned = [i for i in selected if keys[i] not in known]
+    if uncaptioned:
+        try:
+            common.hub_check(args.captioner, "--captioner")
+        except common.UserError as e:
+            if not args.captions:
+                raise
+            raise common.UserError(f"--captions {args.captions} has no caption for {len(uncaptioned)} of the {len(selected)} "
+                                   f"training images (the first: {keys[uncaptioned[0]]}) and the captioner that would "
+                                   f"caption them cannot be loaded: pass a complete file, or a LLaVA folder with "
+                                   f"--captioner") from e
+    if not all(os.path.isdir(os.path.join(args.out, f"{c:05d}")) and len(os.listdir(os.path.join(args.out, f"{c:05d}")))
+               >= args.ipc for c in range(len(classes))):
+        common.hub_check(args.model, "--model", "model_index.json")
     ft_dir = args.finetuned or args.out.rstrip("/") + "_sd"
     ft_settings = {k: getattr(args, k) for k in ("model", "dataset", "max_per_class", "finetune_epochs", "ft_res",
                                                  "ft_batch_size", "grad_accum", "ft_lr", "ft_max_steps", "ema_decay",

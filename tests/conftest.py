@@ -1,6 +1,11 @@
 """Shared test set-up: offline hub, a repo-local teacher cache, and the tiny generator fixtures
 (random models built from configs and saved with save_pretrained, loaded by the scripts through
-the real from_pretrained path)."""
+the real from_pretrained path).
+
+No global state is set at import: the environment of a script run is passed explicitly
+(`script_env`), and in-process tests get it from an autouse fixture that restores os.environ, the
+hub's offline switch and torch's thread count after every test, so that results never depend on
+which test module was imported or ran first."""
 import os
 import subprocess
 import sys
@@ -8,22 +13,53 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["TRANSFORMERS_OFFLINE"] = "1"
-os.environ["HF_DATASETS_OFFLINE"] = "1"
-# digits teachers are deterministic: cache them once per checkout, not once per test
-os.environ.setdefault("DD_CACHE", os.path.join(ROOT, ".cache"))
+# what every script run and in-process test sees: an offline hub, and digits teachers cached once
+# per checkout (they are deterministic), not once per test
+TEST_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            "DD_CACHE": os.environ.get("DD_CACHE") or os.path.join(ROOT, ".cache")}
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_script(script, *args, check=True, timeout=900):
+def script_env(**extra):
+    """The environment of a script run: the caller's, the test settings, then `extra`."""
+    return {**os.environ, **TEST_ENV, **extra}
+
+
+def run_script(script, *args, check=True, timeout=900, env=None):
     """Run one of the collection's scripts as a user would; returns the CompletedProcess."""
     proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env=script_env(**(env or {})))
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+@pytest.fixture(autouse=True)
+def _test_env(monkeypatch):
+    """In-process tests see TEST_ENV and an offline hub; os.environ, the hub's offline switch (read
+    once when huggingface_hub is imported) and torch's thread count are restored afterwards."""
+    import huggingface_hub.constants
+    import torch
+    for k, v in TEST_ENV.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-model tests (on a shared 2-core box OpenMP spin-waits
+    make them several times slower with 2 threads), restored when the module is done. Use it with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`; script runs are separate processes and
+    keep their own default."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -214,11 +214,11 @@ def test_torchrun_two_processes_write_the_same_set(d4m_run, tmp_path):
     """Classes sharded over 2 gloo processes: the same images, prototypes and stored labels as one process."""
     import subprocess
     import sys
-    from conftest import ROOT
+    from conftest import ROOT, script_env
     out = str(tmp_path / "ddp")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
                            os.path.join(ROOT, "d4m.py"), "--model", d4m_run["model"], "--out", out, "--device", "cpu", *ARGS],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=script_env(OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = common.load_image_set(d4m_run["out"], common.class_list("digits")), common.load_image_set(out, common.class_list("digits"))
     # the same seeds, prompts and prototypes; float sums in another thread count or batch shape may

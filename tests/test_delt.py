@@ -14,9 +14,9 @@ import torch
 
 import common
 import delt
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, script_env
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = ["--ipc", "2", "--iterations", "20", "--round-itr", "10", "--batch-size", "4", "--no-eval"]
 
 
@@ -153,7 +153,7 @@ def test_contract_bn_loss_and_early_late_effect(one_proc):
 def test_two_process_torchrun_writes_the_same_files(one_proc, tmp_path):
     out, _ = one_proc
     two = tmp_path / "two"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = script_env(OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "delt.py", "--out", str(two), *SMALL], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)

@@ -202,13 +202,13 @@ def test_torchrun_two_processes_generate_the_same_images(tiny_dit, tmp_path):
     """Classes sharded over 2 gloo processes: the same images as one process (synthesis stage)."""
     import subprocess
     import sys
-    from conftest import ROOT
+    from conftest import ROOT, script_env
     argv = ["--model", tiny_dit, "--steps", "2", "--ipc", "2", "--per-seed", "2", "--workers", "0", "--device", "cpu",
             "--stage", "synthesize"]
     run_script("dmkd.py", *argv, "--out", tmp_path / "one")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
                            os.path.join(ROOT, "dmkd.py"), *argv, "--out", str(tmp_path / "two")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=script_env(OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     classes = common.class_list("digits")
     a, b = common.load_image_set(str(tmp_path / "one"), classes), common.load_image_set(str(tmp_path / "two"), classes)

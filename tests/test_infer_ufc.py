@@ -121,7 +121,11 @@ def test_soft_labels_are_the_teacher_ensemble_mean(infer_run, digits_conv3):
     assert (labels.argmax(1)[::3] == torch.arange(10)).float().mean() >= 0.8  # reals: teacher agrees with class
 
 
-def test_resume_redoes_only_missing_work_and_evaluates(infer_run, tmp_path, capsys):
+def test_resume_redoes_only_missing_work_and_evaluates(infer_run, tmp_path):
+    """The rerun is a script run like the first one (same environment, hence the same intra-op thread
+    count): the re-optimised UFC is then bit-identical. Across thread counts no small tolerance holds,
+    as 15 Adam steps (update ~ lr * g/sqrt(v)) amplify reduction-order differences in near-zero
+    gradient components up to lr per step."""
     src, _ = infer_run
     out = tmp_path / "set"
     shutil.copytree(src, out)
@@ -134,13 +138,12 @@ def test_resume_redoes_only_missing_work_and_evaluates(infer_run, tmp_path, caps
     os.remove(out / "soft_labels.pt")
     shutil.rmtree(out / "00003")
     before = os.path.getmtime(out / "00005" / "00000_k0_real.png")
-    infer_ufc.main([*ARGS, "--out", str(out), "--eval", "--eval-epochs", "1", "--eval-protocol", "dynamic",
-                    "--baseline", "random", "--workers", "0"])
-    stdout = capsys.readouterr().out
+    stdout = run_script("infer_ufc.py", *ARGS, "--out", out, "--eval", "--eval-epochs", "1", "--eval-protocol", "dynamic",
+                        "--baseline", "random", "--workers", "0").stdout
     assert "compensators: 1 to optimise (1 already done)" in stdout
     assert "classes: 1 to write" in stdout
     assert os.path.getmtime(out / "00005" / "00000_k0_real.png") == before
-    assert torch.allclose(torch.load(out / "ufc.pt", weights_only=True)["ufc"], compact["ufc"], atol=1e-6)
+    assert torch.equal(torch.load(out / "ufc.pt", weights_only=True)["ufc"], compact["ufc"])
     assert torch.equal(read_class(out / "00003")[1], read_class(src / "00003")[1])
     assert torch.allclose(torch.load(out / "soft_labels.pt", weights_only=True).float(),
                           torch.load(src / "soft_labels.pt", weights_only=True).float(), atol=2e-2)
@@ -169,11 +172,11 @@ def test_torchrun_two_processes_write_the_same_set(infer_run, tmp_path):
     """(set, teacher) work sharded over 2 gloo processes: the same files and compact form as one process."""
     import subprocess
     import sys
-    from conftest import ROOT
+    from conftest import ROOT, script_env
     out = tmp_path / "ddp"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
                            os.path.join(ROOT, "infer_ufc.py"), *ARGS, "--out", str(out), "--device", "cpu"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=script_env(OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, _ = infer_run
     for c in range(10):

@@ -7,16 +7,10 @@ a clearer message than a failing script test would give.
 
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-# The models are tiny, so intra-op threading only costs: on a shared 2-core
-# box OpenMP spin-waits made this file ~5x slower with the default 2 threads.
-torch.set_num_threads(1)
 
 from tiny_models import (
     LLAVA_IMAGE_SIZE,
@@ -25,6 +19,10 @@ from tiny_models import (
     build_tiny_llava,
     build_tiny_sd,
 )
+
+# The models are tiny, so intra-op threading only costs: on a shared 2-core
+# box OpenMP spin-waits made this file ~5x slower with the default 2 threads.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

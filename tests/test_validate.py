@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import common
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, script_env
 
 
 def test_kd_loss_matches_formula():
@@ -154,7 +154,7 @@ def test_torchrun_two_processes_train(digits_set, digits_conv3, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
                            os.path.join(ROOT, "validate_fkd.py"), "--syn-data-path", digits_set, "--protocol", "rded",
                            "--epochs", "2", "--eval-every", "1", "--device", "cpu", "--out", out],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=script_env(OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rec = json.load(open(out))
     assert len(rec["runs"][0]["history"]) == 2 and proc.stdout.count("result:") == 1  # rank 0 alone reports

@@ -12,7 +12,7 @@ import common
 import vlcp
 from conftest import run_script
 
-torch.set_num_threads(1)  # tiny models: threads only cost on a shared box
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only cost on a shared box
 
 
 # --- stage 4: the text-prototype rule --------------------------------------------------------------
@@ -282,11 +282,11 @@ def test_torchrun_two_processes_write_the_same_set(tiny_sd, tiny_llava, tmp_path
     as one process (fine-tuning skipped: DDP changes the optimisation, not the plumbing)."""
     import subprocess
     import sys
-    from conftest import ROOT
+    from conftest import ROOT, script_env
     argv = ["--model", tiny_sd, "--captioner", tiny_llava, "--size", "64", "--steps", "4", "--ipc", "2",
             "--max-per-class", "4", "--caption-max-tokens", "8", "--finetune-epochs", "0", "--device", "cpu",
             "--workers", "0"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = script_env(OMP_NUM_THREADS="1")
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     run_script("vlcp.py", *argv, "--out", one)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29532",

@@ -1,0 +1,187 @@
+"""Failures as a user meets them: each command runs as a script (subprocess, real exit code), ends with
+one sentence as the last line of stderr and no traceback, and leaves earlier files unchanged (by hash)
+and a fresh --out absent. Also: the --out lock, and SIGINT/SIGTERM sent to a real run that a rerun
+completes to the same files as an uninterrupted run."""
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common
+from conftest import ROOT, run_script, script_env
+
+UFC = ("--teacher", "conv3,conv3", "--ipc", "2", "--iterations", "30", "--seed", "1")
+
+
+def fails_with(proc, start, code=2):
+    """The run failed with exit `code` and stderr's last line starts with `start`, without a traceback."""
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == code, proc.stderr[-3000:]
+    assert lines and lines[-1].startswith(start), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    return lines[-1]
+
+
+def hashes(folder):
+    return {os.path.relpath(os.path.join(r, f), folder): hashlib.sha256(open(os.path.join(r, f), "rb").read()).hexdigest()
+            for r, _, fs in os.walk(folder) for f in fs}
+
+
+def digits_folder(root, corrupt=None):
+    """A tiny ImageFolder dataset (train/ and val/, 10 classes x 2 digits images); `corrupt` = (class, i)
+    gets a file that is not an image."""
+    x, y = common.digits_split("train")
+    for split in ("train", "val"):
+        for c in range(10):
+            os.makedirs(root / split / f"n{c:08d}")
+            for i, j in enumerate((y == c).nonzero().flatten()[:2].tolist()):
+                path = root / split / f"n{c:08d}" / f"{i}.png"
+                if split == "train" and (c, i) == corrupt:
+                    path.write_bytes(b"not an image")
+                else:
+                    Image.fromarray((x[j].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
+    return root
+
+
+def tiny_set(folder, classes=10):
+    for c in range(classes):
+        os.makedirs(folder / f"{c:05d}")
+        Image.fromarray(np.full((32, 32, 3), 20 * c, np.uint8)).save(folder / f"{c:05d}" / "00000.png")
+    common.write_classes_json(str(folder), [{"index": c, "name": str(c), "id": str(c)} for c in range(classes)])
+    return folder
+
+
+# ------------------------------------------------------------------- errors: one sentence, nothing written
+def test_error_in_a_dataloader_worker_is_one_sentence_and_a_fresh_out_stays_absent(tmp_path):
+    data = digits_folder(tmp_path / "data", corrupt=(3, 1))
+    teacher = tmp_path / "conv3.pt"
+    torch.save(common.build_model("conv3", 10, common.input_size("imagenette", "conv3")).state_dict(), teacher)
+    out = tmp_path / "out"
+    args = ("--dataset", "imagenette", "--data-path", data, "--teacher", "conv3", "--teacher-path", teacher,
+            "--ipc", "1", "--iterations", "2", "--round-itr", "1", "--no-eval", "--workers", "1", "--out", out)
+    proc = run_script("delt.py", *args, check=False)
+    last = fails_with(proc, "error: cannot read image ")
+    assert "n00000003/1.png" in last and "Caught" not in proc.stderr
+    assert not out.exists()  # the failed start left nothing: the corrected command is not refused
+
+
+def test_out_that_cannot_be_created(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    proc = run_script("infer_ufc.py", *UFC, "--out", tmp_path / "a_file" / "set", check=False)
+    fails_with(proc, f"error: cannot create --out {tmp_path / 'a_file' / 'set'}: ")
+
+
+@pytest.mark.parametrize("content,message", [
+    (torch.zeros(3), "holds a Tensor, not a state dict of named tensors"),
+    (b"hello", "is not a torch checkpoint (neither the zip archive"),
+])
+def test_bad_checkpoints(tmp_path, content, message):
+    path = tmp_path / "teacher.pt"
+    path.write_bytes(content) if isinstance(content, bytes) else torch.save(content, path)
+    out = tmp_path / "out"
+    proc = run_script("infer_ufc.py", *UFC, "--teacher-path", f"{path},{path}", "--out", out, check=False)
+    assert message in fails_with(proc, f"error: teacher checkpoint {path} ")
+    assert not out.exists()
+
+
+def test_damaged_run_json_and_classes_json_are_one_sentence_and_left_unchanged(tmp_path):
+    out = tiny_set(tmp_path / "run")
+    (out / "run.json").write_text('{"status": "running", "ident')
+    before = hashes(out)
+    proc = run_script("infer_ufc.py", *UFC, "--out", out, check=False)
+    assert "--overwrite" in fails_with(proc, f"error: {out / 'run.json'} is damaged (")
+    (out / "classes.json").write_text("[{]")
+    before = hashes(out)
+    proc = run_script("validate_fkd.py", "--syn-data-path", out, "--epochs", "1", "--workers", "0", check=False)
+    fails_with(proc, f"error: {out / 'classes.json'} is damaged (")
+    assert hashes(out) == before
+
+
+def test_wording_of_a_missing_fkd_store_and_a_bad_flag(tmp_path):
+    out = tiny_set(tmp_path / "set")
+    before = hashes(out)
+    proc = run_script("validate_fkd.py", "--syn-data-path", out, "--protocol", "fkd", "--epochs", "1", "--workers", "0",
+                      check=False)
+    assert "validate_fkd.py --relabel-epochs N" in fails_with(proc, "error: ")
+    assert hashes(out) == before
+    proc = run_script("delt.py", "--lr", "0", "--out", tmp_path / "never", check=False)
+    assert fails_with(proc, "error: ") == "error: --lr must be > 0, not 0.0"
+
+
+def test_captions_file_lacking_images_says_how_many_and_the_first(tmp_path):
+    x, y = common.digits_split("train")
+    captions = tmp_path / "captions.jsonl"
+    first_zero = int((y == 0).nonzero()[0])
+    captions.write_text(json.dumps({f"0/{first_zero:05d}.png": "a zero"}) + "\n")  # 1 of the 20 selected images
+    out = tmp_path / "out"
+    proc = run_script("vlcp.py", "--ipc", "1", "--max-per-class", "2", "--out", out, "--captions", captions,
+                      "--captioner", tmp_path / "no-llava", check=False)
+    last = fails_with(proc, f"error: --captions {captions} has no caption for 19 of the 20 training images (the first: ")
+    assert "--captioner" in last and not out.exists()
+
+
+# ------------------------------------------------------------------- lock, signals, resume
+def wait_for(predicate, proc, timeout=300):
+    t0 = time.time()
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() - t0 < timeout
+        time.sleep(0.05)
+
+
+def lock_pid(out):
+    try:
+        return json.load(open(out / ".lock"))["pid"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def test_lock_and_signals_then_the_rerun_gives_the_same_files(tmp_path):
+    ref = tmp_path / "ref"
+    run_script("infer_ufc.py", *UFC, "--out", ref)
+    assert not (ref / ".lock").exists()
+    out = tmp_path / "out"
+    cmd = [sys.executable, os.path.join(ROOT, "infer_ufc.py"), *UFC, "--out", str(out)]
+    popen = lambda: subprocess.Popen(cmd, cwd=ROOT, env=script_env(), stdout=subprocess.PIPE,  # noqa: E731
+                                     stderr=subprocess.PIPE, text=True)
+
+    # 1. the first UFC is done and the second under way: the run is paused (SIGSTOP) so that a second run
+    # started now surely meets it, the second refuses, then SIGINT stops the first
+    first = popen()
+    wait_for(lambda: (out / "ufc_parts" / "u_k0000_m0.pt").exists(), first)
+    first.send_signal(signal.SIGSTOP)
+    second = run_script("infer_ufc.py", *UFC, "--out", out, check=False)
+    assert f"process {first.pid} on host {socket.gethostname()}" in fails_with(second, f"error: {out} is in use by another run")
+    first.send_signal(signal.SIGINT)
+    first.send_signal(signal.SIGCONT)
+    _, err = first.communicate(timeout=120)  # it stops at once; the bound only keeps a hang from blocking CI
+    fails_with(subprocess.CompletedProcess(cmd, first.returncode, "", err), "interrupted: rerun the same command to resume", 130)
+    assert not (out / "ufc.pt").exists() and not (out / ".lock").exists()
+    assert not [f for f in hashes(out) if ".tmp" in f]
+
+    # 2. SIGTERM as soon as the rerun holds the folder
+    again = popen()
+    wait_for(lambda: lock_pid(out) == again.pid, again)
+    again.send_signal(signal.SIGTERM)
+    _, err = again.communicate(timeout=120)
+    fails_with(subprocess.CompletedProcess(cmd, again.returncode, "", err), "interrupted: rerun the same command to resume", 143)
+
+    # 3. a stale lock (its process is gone) is taken over, and the rerun ends with the reference's files
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / ".lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    proc = run_script("infer_ufc.py", *UFC, "--out", out)
+    assert "compensators: 1 to optimise (1 already done)" in proc.stdout or "(2 already done)" in proc.stdout
+    assert "removing the stale lock" in proc.stdout
+    want = {k: v for k, v in hashes(ref).items() if k != "run.json"}
+    assert {k: v for k, v in hashes(out).items() if k != "run.json"} == want
+    assert json.load(open(out / "run.json"))["status"] == "done"
