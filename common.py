@@ -8,6 +8,7 @@ algorithm lives whole in its own file.
 """
 import contextlib
 import datetime
+import hashlib
 import importlib.metadata
 import json
 import math
@@ -24,10 +25,24 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
-from torchvision.transforms import v2 as T
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+class lazy_module:
+    """A module imported on first attribute access. torchvision's import pulls in torch._dynamo
+    (seconds), so `--help` and argument errors do not pay for it; the code reads as usual."""
+
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attr):
+        import importlib
+        return getattr(importlib.import_module(self._name), attr)
+
+
+torchvision = lazy_module("torchvision")
+T = lazy_module("torchvision.transforms.v2")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -642,8 +657,27 @@ def load_teacher(arch, dataset, path=None, data_path=None, seed=0, device="cpu")
 
 
 def cache_dir():
-    """Where digits teachers are cached: $DD_CACHE, else ~/.cache/dd-reference."""
+    """Where digits teachers and shared artefacts are cached: $DD_CACHE, else ~/.cache/dd-reference."""
     return os.environ.get("DD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dd-reference")
+
+
+def weights_hash(model):
+    """A short sha256 of a model's state dict (names, shapes, dtypes, bytes): which teacher made a
+    cached artefact, whatever file or hub id its weights came from."""
+    h = hashlib.sha256()
+    for name, v in model.state_dict().items():
+        v = v.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name}{tuple(v.shape)}{v.dtype}".encode())
+        h.update(v.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def cache_path(kind, key, suffix):
+    """$DD_CACHE/<kind>/<sha256 of key>[:16]<suffix>: artefacts that depend only on the data and a
+    model (DELT's ranking, D4M's latents), shared by every run that asks for the same thing, so a
+    loop over IPC computes them once. `key` is any JSON-able description of what went in."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return os.path.join(cache_dir(), kind, f"{digest}{suffix}")
 
 
 DIGITS_TEACHER_EPOCHS = 3

@@ -108,6 +108,10 @@ def parse_args(argv=None):
     g.add_argument("--kmeans", default=None, choices=("minibatch", "full"),
                    help="minibatch: MiniBatchKMeans.partial_fit over buffers (official); full: exact KMeans")
     g.add_argument("--save-latents", default=None, help="folder to keep each class's latents in k-means order (for inspection)")
+    g.add_argument("--no-latent-cache", dest="latent_cache", action="store_false",
+                   help="do not keep the VAE latents under $DD_CACHE/d4m_latents/ (default: kept, keyed by dataset, "
+                        "VAE weights, --size, --latent and --seed, so a loop over IPC encodes once; ImageNet-1K at "
+                        "512 px in fp16 takes ~42 GB)")
     g = p.add_argument_group("synthesis (§1.4, §2.3)")
     g.add_argument("--strength", type=float, default=None, help="img2img strength: fraction of the steps run")
     g.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
@@ -277,7 +281,7 @@ def main(argv=None):
         raise common.UserError(f"--size {args.size} must be a multiple of the VAE's factor {factor}")
     run = common.RunDir(args.out, args, classes, rank=d.rank, overwrite=args.overwrite,
                         extra_artefacts=("prototypes.pt", ".prototypes"),
-                        ignore=("batch_size", "encode_batch_size", "save_latents", "ttm_epochs", "eval_student"))
+                        ignore=("batch_size", "encode_batch_size", "save_latents", "latent_cache", "ttm_epochs", "eval_student"))
     run.record.update({"prompts": prompts, "scheduler": type(pipe.scheduler).__name__, "out_size": out_size,
                        "latent_shape": [pipe.vae.config.latent_channels, args.size // factor, args.size // factor]})
     mine = common.shard(range(len(classes)), d.rank, d.world)
@@ -294,10 +298,30 @@ def main(argv=None):
         order = {c: idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(image_seed(args.seed, 0, c)))]
                  for c, idx in order.items()}
         shape = run.record["latent_shape"]
+        # the latents depend on the data, the VAE, --size, --latent and --seed, not on IPC: cached per class under
+        # $DD_CACHE so that a loop over IPC encodes once (k-means, which depends on IPC, reruns on them)
+        paths = [os.path.relpath(p, train.root) for p, _ in train.samples] if hasattr(train, "samples") else None
+        cache = common.cache_path("d4m_latents", {
+            "dataset": args.dataset, "data_path": os.path.abspath(args.data_path) if args.data_path else None,
+            "files": common.cache_path("", [paths, targets.tolist()], ""), "vae": common.weights_hash(pipe.vae),
+            "dtype": str(pipe.vae.dtype), "size": args.size, "latent": args.latent, "seed": args.seed}, "")
+        cached = {c for c in todo if args.latent_cache and os.path.isfile(os.path.join(cache, f"{c:05d}.pt"))}
+        run.record["latent_cache"] = {"path": cache if args.latent_cache else None, "reused_classes": len(cached)}
+
+        def class_latents():  # (class, latent batches): from the cache, or encoded (streamed) and then cached
+            for c in todo:
+                if c in cached:
+                    yield c, [torch.load(os.path.join(cache, f"{c:05d}.pt"), weights_only=True)]
+            stream = encoded_classes(train, [(c, order[c]) for c in todo if c not in cached], pipe.vae, args)
+            for c, group in groupby(stream, key=itemgetter(0)):
+                yield c, (z for _, z in group)
+
         with run.stage("latents_prototypes", items=int(sum(counts[c] for c in todo))) if todo else nullcontext():
-            stream = encoded_classes(train, order.items(), pipe.vae, args)
-            for c, group in tqdm(groupby(stream, key=itemgetter(0)), total=len(todo), desc="prototypes", disable=not d.main):
-                centres, latents = kmeans_prototypes((z for _, z in group), args.prototypes, args.km_expand, args.kmeans, args.seed)
+            for c, batches in tqdm(class_latents(), total=len(todo), desc="prototypes", disable=not d.main):
+                centres, latents = kmeans_prototypes(batches, args.prototypes, args.km_expand, args.kmeans, args.seed)
+                if args.latent_cache and c not in cached:
+                    os.makedirs(cache, exist_ok=True)
+                    common.atomic_torch_save(latents, os.path.join(cache, f"{c:05d}.pt"))
                 if args.save_latents:
                     os.makedirs(args.save_latents, exist_ok=True)
                     common.atomic_torch_save({"latents": latents.view(-1, *shape), "index": order[c]},

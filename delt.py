@@ -41,6 +41,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 
 import torch
@@ -103,7 +104,9 @@ def build_parser():
     g = p.add_argument_group("ranking and selection (§1.1)")
     g.add_argument("--selection", default=None, choices=("medium", "top", "min", "random"),
                    help="which real images initialise each class (DELT: medium)")
-    g.add_argument("--ranking-file", default=None, help="ranking CSV to reuse or write (default <out>/ranking.csv)")
+    g.add_argument("--ranking-file", default=None,
+                   help="ranking CSV to reuse or write (default: $DD_CACHE/delt_ranking/<hash of dataset, teacher "
+                        "and its weights>.csv, so a loop over IPC ranks once; a copy goes to <out>/ranking.csv)")
     g.add_argument("--init", default=None, choices=("real", "noise"), help="real selected images (DELT) or N(0,1) (SRe2L/CDA)")
     g = p.add_argument_group("recover (§1.3)")
     g.add_argument("--iterations", type=int, default=None, help="iterations T of a batch (ITR)")
@@ -431,10 +434,16 @@ def main(argv=None):
     # --- stage 1: rank real images by the teacher's true-class probability and select (§1.1) ---
     picks = {}
     if args.init == "real":
-        ranking = args.ranking_file or os.path.join(args.out, "ranking.csv")
         paths = ([os.path.relpath(p, train.root) for p, _ in train.samples] if hasattr(train, "samples") else None)
+        # the ranking depends on the data and the teacher only, not on IPC: cached under $DD_CACHE by
+        # (dataset, its files, teacher, the teacher's weights, normalisation), so a loop over IPC ranks once
+        ranking = args.ranking_file or common.cache_path("delt_ranking", {
+            "dataset": args.dataset, "data_path": os.path.abspath(args.data_path) if args.data_path else None,
+            "files": common.cache_path("", [paths, targets], ""), "teacher": args.teacher,
+            "weights": common.weights_hash(teacher), "mean": list(mean), "std": list(std), "size": size}, ".csv")
         with run.stage("selection", items=sum(len(by_class[c]) for c in my_classes)):
-            if not os.path.isfile(ranking):
+            ranking_reused = os.path.isfile(ranking)
+            if not ranking_reused:
                 chunks = [by_class[c][i:i + 256] for c in my_classes for i in range(0, len(by_class[c]), 256)]
                 scores = true_class_probability(teacher, train, chunks, d.device, workers)
                 order = [i for ch in chunks for i in ch]
@@ -453,6 +462,10 @@ def main(argv=None):
                     raise common.UserError(f"ranking file {ranking} has {len(scored[c])} rows for class {c}, the "
                                            f"dataset {int(counts[c])}: delete it or pass another --ranking-file")
                 picks[c] = select(scored[c], args.ipc, args.selection, args.seed * 1000003 + c)
+        if d.main and os.path.abspath(ranking) != os.path.abspath(os.path.join(args.out, "ranking.csv")):
+            shutil.copyfile(ranking, os.path.join(args.out, f"ranking.csv.tmp{os.getpid()}"))  # a copy beside the set
+            os.replace(os.path.join(args.out, f"ranking.csv.tmp{os.getpid()}"), os.path.join(args.out, "ranking.csv"))
+        run.record["ranking"] = {"path": os.path.abspath(ranking), "reused": ranking_reused}
         print(f"[rank {d.rank}] selected {args.ipc} {args.selection} images for {len(my_classes)} classes "
               f"(ranking: {ranking})")
 

@@ -49,12 +49,13 @@ import time
 
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.v2 as T
-import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from tqdm import tqdm
 
 import common
+
+T = common.lazy_module("torchvision.transforms.v2")  # imported on first use: --help stays fast
+TF = common.lazy_module("torchvision.transforms.v2.functional")
 
 # INFER/DWA normalise CIFAR-100 with its own statistics (UFC utils.py, DWA squeeze_cifar100.py);
 # common.py uses the CIFAR-10 constants for CIFAR-100 like SRe2L/RDED. The teachers must see what

@@ -366,11 +366,11 @@ def main(argv=None):
         common.atomic_write_json(out, record)
         what = "distilled" if folder else "random real"
         line = (f"result: {args.dataset} protocol {args.protocol} ({args.label_mode} labels) student {args.student} "
-                f"ipc {ipc} {what}: best {record['best_mean']:.2f} ± {record['best_std']:.2f}, last "
+                f"{ipc} images/class {what}: best {record['best_mean']:.2f} ± {record['best_std']:.2f}, last "
                 f"{record['last_mean']:.2f} ± {record['last_std']:.2f} over {args.repeats} run(s)")
         if "baseline" in record:
             b = record["baseline"]
-            line += (f"; random real: best {b['best_mean']:.2f} ± {b['best_std']:.2f}, last {b['last_mean']:.2f} ± "
+            line += (f"; random real ({args.baseline_ipc or ipc} images/class): best {b['best_mean']:.2f} ± {b['best_std']:.2f}, last {b['last_mean']:.2f} ± "
                      f"{b['last_std']:.2f} (improvement {record['improvement_over_random']:+.2f})")
         print(line)
         print(f"wrote {out}")

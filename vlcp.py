@@ -52,9 +52,10 @@ from collections import Counter
 
 import numpy as np
 import torch
-from torchvision.transforms import v2 as T
 
 import common
+
+T = common.lazy_module("torchvision.transforms.v2")  # imported on first use: --help stays fast
 
 # --- flags ----------------------------------------------------------------------------------------
 PRESETS = {

@@ -220,3 +220,28 @@ def test_torchrun_two_processes_write_the_same_set(d4m_run, tmp_path):
         assert all(torch.equal(x, y) for x, y in zip(a["index"], b["index"]))  # the same batches and crops
         assert all(torch.equal(x, y) for x, y in zip(a["boxes"], b["boxes"]))
         assert all(torch.allclose(x.float(), y.float(), atol=0.05) for x, y in zip(a["logits"], b["logits"]))
+
+
+def test_latents_are_cached_so_an_ipc_loop_encodes_once(tiny_sd, tmp_path, monkeypatch):
+    import d4m
+    monkeypatch.setenv("DD_CACHE", str(tmp_path / "cache"))
+    small = ["--model", tiny_sd, "--size", "64", "--steps", "4", "--ttm-epochs", "0", "--workers", "0"]
+    d4m.main([*small, "--ipc", "1", "--out", str(tmp_path / "ipc1")])
+    first = json.load(open(tmp_path / "ipc1" / "run.json"))["latent_cache"]
+    files = sorted(os.listdir(first["path"]))
+    assert first["reused_classes"] == 0 and files == [f"{c:05d}.pt" for c in range(10)]
+    mtimes = [os.stat(os.path.join(first["path"], f)).st_mtime_ns for f in files]
+    d4m.main([*small, "--ipc", "2", "--out", str(tmp_path / "ipc2"), "--save-latents", str(tmp_path / "enc")])
+    second = json.load(open(tmp_path / "ipc2" / "run.json"))["latent_cache"]
+    assert second == {"path": first["path"], "reused_classes": 10}
+    assert [os.stat(os.path.join(first["path"], f)).st_mtime_ns for f in files] == mtimes  # not re-encoded
+    # the cached latents are the ones a fresh encoding gives: compare with an uncached run's saved latents
+    d4m.main([*small, "--ipc", "2", "--out", str(tmp_path / "fresh"), "--no-latent-cache",
+              "--save-latents", str(tmp_path / "fresh_enc")])
+    for c in (0, 9):
+        a = torch.load(tmp_path / "enc" / f"{c:05d}.pt", weights_only=True)["latents"]
+        b = torch.load(tmp_path / "fresh_enc" / f"{c:05d}.pt", weights_only=True)["latents"]
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for c in (0, 9):  # hence the same prototypes and images
+        assert (open(tmp_path / "ipc2" / f"{c:05d}" / "00001.png", "rb").read()
+                == open(tmp_path / "fresh" / f"{c:05d}" / "00001.png", "rb").read())
