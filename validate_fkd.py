@@ -1,16 +1,21 @@
 """validate_fkd.py: one validator for every distilled set, four label protocols.
 
 A student is trained from scratch on a distilled set (any ImageFolder-layout folder, normally the
-on-disk contract of shared/DESIGN.md) and tested on the dataset's real validation split. The
+on-disk contract of README.md) and tested on the dataset's real validation split. The
 protocol fixes where the student's targets come from and the recipe around them:
 
   rded    teacher soft labels computed online on every augmented, cutmixed batch; KL at T=20, no T^2,
-          AdamW, RDED's quarter cosine (RDED / DELT, delt_sre2l_rded_fkd.md §3.1-3.2; VLCP §3.7)
+          AdamW, RDED's quarter cosine (R:validation/main.py, D:evaluation/argument.py; VLCP:04_evaluation/RDED/)
   fkd     soft labels stored once per (epoch, batch) with crop boxes, flips and mix parameters, replayed
-          exactly (SRe2L relabel §2.5/§3.4, D4M training-time matching d4m_vlcp.md §2.4-2.5)
+          exactly (S:SRe2L/relabel/generate_soft_label.py, D4M:matching/utils_fkd.py:L199-237)
   static  one soft label per image (the teachers' mean logits), interpolated linearly under mixup;
-          KL at T=30 (INFER static, infer_dmkd.md §2.2); `--label-mode teacher` is INFER's dynamic (§2.3)
-  hard    cross-entropy on the class labels with cutmix, SGD, step decay (Minimax/IDC, d4m_vlcp.md §3.6)
+          KL at T=30 (UFC:ufc_validation/val_static.py:200-222); `--label-mode teacher` is INFER's dynamic
+          (UFC:ufc_validation/val_dyn.py:243-260)
+  hard    cross-entropy on the class labels with cutmix, SGD, step decay (VLCP:04_evaluation/Minimax/train.py)
+
+Citations: D = VILA-Lab/DELT@f2f81ca, R = LINs-lab/RDED@3f6453d, S = VILA-Lab/SRe2L@8d00cba,
+D4M = suduo94/D4M@da35d10, UFC = zhangxin-xd/UFC@83d19f8,
+VLCP = zou-yawen/Dataset-Distillation-via-Vision-Language-Category-Prototype@d0060eb4. Full notes: docs/validate.md.
 
 Every value of a preset can be overridden by its flag. `--repeats N` trains N students (seeds
 seed..seed+N-1) and reports mean ± population std of the best and the last evaluation;
@@ -41,7 +46,7 @@ PROTOCOL_LABELS = {"rded": "teacher", "fkd": "fkd", "static": "static", "hard": 
 
 # Per-protocol recipe; per-dataset changes in DATASET_PRESETS. Every value is a flag.
 PROTOCOLS = {
-    "rded": dict(  # RDED validation (R:validation/main.py, R:argument.py), DELT §3.2
+    "rded": dict(  # RDED validation (R:validation/main.py, R:argument.py), D:evaluation/argument.py
         temperature=20.0, t_squared=False, mix="cutmix", alpha=1.0, optimizer="adamw", weight_decay=0.01,
         schedule="quarter", epochs=300, crop="rrc", factor=1, eval_every=10, eval_from=0.8, flip=True),
     "fkd": dict(  # SRe2L train_FKD.sh / D4M validate/train_FKD.sh: T=20, AdamW 1e-3, full cosine
@@ -71,7 +76,7 @@ STUDENT_LR = {"efficientnet_b0": 2e-3, "mobilenet_v2": 2.5e-3, "mobilenet_v2_cif
 
 
 def rded_batch_size(ipc, num_classes, dataset, student):
-    """RDED/DELT batch rule (§3.1-3.2): IPC>=30 -> 100, IPC>=10 -> 50, else 10; x2 for 100 or 1000
+    """RDED/DELT batch rule (R:argument.py): IPC>=30 -> 100, IPC>=10 -> 50, else 10; x2 for 100 or 1000
     classes; /2 for resnet101 on ImageNet-1K/100; capped at IPC*C."""
     bs = 100 if ipc >= 30 else 50 if ipc >= 10 else 10
     if num_classes in (100, 1000):
@@ -140,7 +145,14 @@ def build_parser():
     g.add_argument("--seed", type=int, default=0, help="first student seed")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--workers", type=int, default=None, help="data-loading processes (default 0 for digits, 8 else)")
-    return p
+    return common.document_defaults(p, sources=(
+        "each --protocol is a recipe (PROTOCOLS in validate_fkd.py): rded from LINs-lab/RDED@3f6453d:"
+        "argument.py and validation/main.py (+ VILA-Lab/DELT@f2f81ca:evaluation/argument.py), fkd from "
+        "VILA-Lab/SRe2L@8d00cba:SRe2L/validate/train_FKD.sh and suduo94/D4M@da35d10:validate/train_FKD.sh, static "
+        "from zhangxin-xd/UFC@83d19f8:val_static.py, hard from zou-yawen/Dataset-Distillation-via-Vision-"
+        "Language-Category-Prototype@d0060eb4:04_evaluation/Minimax/train.py; per-dataset changes in "
+        "DATASET_PRESETS (digits: our choice, about a minute per student on 2 CPU cores). A flag given "
+        "explicitly beats the recipe."))
 
 
 def resolve(args):
@@ -198,7 +210,7 @@ def load_teachers(args, device):
 
 @torch.no_grad()
 def ensemble_logits(teacher, images, args, device):
-    """Static labels: the teachers' mean logits on each unaugmented image (INFER §2.2)."""
+    """Static labels: the teachers' mean logits on each unaugmented image (UFC:ufc_validation/val_static.py:200-222)."""
     out = []
     for x in images.split(256):
         x = common.normalize(x.float().to(device) / 255, args.mean, args.std)

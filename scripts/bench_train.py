@@ -28,7 +28,7 @@ def main():
     p.add_argument("--epochs", type=int, default=3, help="timed epochs (after one warm-up epoch)")
     p.add_argument("--workers", type=int, default=0, help="data-loading processes")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    args = p.parse_args()
+    args = common.document_defaults(p).parse_args()
     device = common.pick_device(args.device)
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (args.images, 3, args.size, args.size), dtype=torch.uint8, generator=g)

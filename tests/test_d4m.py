@@ -1,7 +1,8 @@
 """d4m.py on digits with the tiny Stable Diffusion fixture (64 px images <-> 4x8x8 latents).
 
 One CLI run (module fixture) makes the whole pipeline's output; the tests check it against reference
-computations written here: VAE latents, sklearn k-means, one-image-per-call img2img, FKD label replay."""
+computations written here: VAE latents, sklearn k-means, one-image-per-call img2img, FKD label replay.
+Citations: D4M = suduo94/D4M@da35d10."""
 import json
 import os
 import shutil
@@ -46,7 +47,7 @@ def test_on_disk_contract(d4m_run):
 
 
 def test_latents_are_seeded_vae_samples(d4m_run):
-    """§1.2: z = vae.encode(2x-1).latent_dist.sample(g) * scaling_factor on the 64 px squash."""
+    """D4M:distillation/dataset_utils.py:L18-21: z = vae.encode(2x-1).latent_dist.sample(g) * scaling_factor on the 64 px squash."""
     from diffusers import AutoencoderKL
     from torchvision.transforms import v2 as T
     import d4m
@@ -65,8 +66,8 @@ def test_latents_are_seeded_vae_samples(d4m_run):
 
 
 def test_prototypes_equal_sklearn_minibatch_kmeans(d4m_run):
-    """§2.2: MiniBatchKMeans(n_clusters=P, random_state=0, batch_size=km_expand*P, n_init="auto").partial_fit
-    over buffers of km_expand*P latents, the last partial buffer flushed (official bug §4.1 fixed)."""
+    """D4M:distillation/gen_prototype.py: MiniBatchKMeans(n_clusters=P, random_state=0, batch_size=km_expand*P, n_init="auto").partial_fit
+    over buffers of km_expand*P latents, the last partial buffer flushed (official bug D4M:distillation/gen_prototype.py:L83-84 fixed)."""
     from sklearn.cluster import MiniBatchKMeans
     saved = torch.load(os.path.join(d4m_run["out"], "prototypes.pt"), weights_only=True)
     assert saved["classes"] == [str(c) for c in range(10)]
@@ -89,7 +90,7 @@ def test_prototypes_equal_sklearn_minibatch_kmeans(d4m_run):
 
 
 def test_batched_synthesis_equals_one_call_per_image(d4m_run):
-    """§1.3, §2.3: stock img2img from the prototype latent, class-name prompt, the negative prompt, strength,
+    """D4M:scripts/pipeline_stable_diffusion_latents2img.py, D4M:distillation/gen_syn_image_imgnt.sh: stock img2img from the prototype latent, class-name prompt, the negative prompt, strength,
     guidance, one seeded generator per image; called here the official way, one image per call."""
     from diffusers import StableDiffusionImg2ImgPipeline
     from PIL import Image
@@ -109,8 +110,8 @@ def test_batched_synthesis_equals_one_call_per_image(d4m_run):
 
 
 def test_ttm_labels_replay(d4m_run, digits_conv3):
-    """§2.4: the stored FKD batches rebuild to the same pixels, whose teacher logits are the stored ones; and
-    validate_fkd.py's fkd protocol replayed them (§2.5: T=20, AdamW, cosine, no T^2)."""
+    """D4M:matching/utils_fkd.py:L199-237: the stored FKD batches rebuild to the same pixels, whose teacher logits are the stored ones; and
+    validate_fkd.py's fkd protocol replayed them (D4M:validate/train_FKD.sh: T=20, AdamW, cosine, no T^2)."""
     out = d4m_run["out"]
     meta = json.load(open(os.path.join(out, "fkd", "meta.json")))
     assert meta["epochs"] == 2 and meta["batch_size"] == 16 and meta["mix"] == "cutmix" and meta["min_scale"] == 0.08
@@ -127,7 +128,7 @@ def test_ttm_labels_replay(d4m_run, digits_conv3):
 
 
 def test_prompts_in_class_order(d4m_run, tmp_path, monkeypatch):
-    """Prompts reach the pipeline from the dataset's class list, class by class, with the §1.4 settings."""
+    """Prompts reach the pipeline from the dataset's class list, class by class, with the official settings."""
     from diffusers import StableDiffusionImg2ImgPipeline
     import d4m
     calls, original = [], StableDiffusionImg2ImgPipeline.__call__
