@@ -141,7 +141,7 @@ def main(argv=None):
 
     device = common.device_name("cuda" if torch.cuda.is_available() else "cpu")
     print(f"\ndigits, protocol {args.protocol}, {args.repeats} student(s) per set, top-1 % (best, mean ± population "
-          f"std); device {device}, {torch.get_num_threads()} threads{' (QUICK: figures mean nothing)' if args.quick else ''}\n")
+          f"std); device {device}{' (QUICK: figures mean nothing)' if args.quick else ''}\n")
     print("| method | " + " | ".join(f"IPC {i}" for i in args.ipcs) + " |")
     print("|---|" + "---|" * len(args.ipcs))
     for method in args.methods:
