@@ -1,4 +1,4 @@
-"""common.py: the plumbing every script of the collection shares (shared/DESIGN.md, "Files").
+"""common.py: the plumbing every script of the collection shares (README.md, "How the files fit").
 
 Datasets and their class lists, normalisation, the model zoo, teacher loading (and the `digits`
 teacher trained on first use), the BatchNorm-statistics hook, the soft-label student-training loop
@@ -7,8 +7,10 @@ device/dtype choice and torchrun helpers. Nothing in here belongs to one paper: 
 algorithm lives whole in its own file.
 """
 import atexit
+import argparse
 import contextlib
 import datetime
+import hashlib
 import importlib.metadata
 import json
 import math
@@ -26,10 +28,24 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
-from torchvision.transforms import v2 as T
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+class lazy_module:
+    """A module imported on first attribute access. torchvision's import pulls in torch._dynamo
+    (seconds), so `--help` and argument errors do not pay for it; the code reads as usual."""
+
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attr):
+        import importlib
+        return getattr(importlib.import_module(self._name), attr)
+
+
+torchvision = lazy_module("torchvision")
+T = lazy_module("torchvision.transforms.v2")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,7 +116,7 @@ def run_cli(main):
 
 
 # ----------------------------------------------------------------------------------------------
-# datasets (DESIGN.md "Datasets"): class index = position in the torchvision class order
+# datasets (README.md "Datasets"): class index = position in the torchvision class order
 # ----------------------------------------------------------------------------------------------
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)  # std: the field's usual value
@@ -138,7 +154,7 @@ def dataset_info(name):
 
 def input_size(dataset, arch):
     """Resolution a model of `arch` sees on `dataset`: ConvNet teachers use 64 px on ImageNet-1K and
-    128 px on the other ImageNet subsets (RDED/DELT, delt_sre2l_rded_fkd.md §1.2)."""
+    128 px on the other ImageNet subsets (LINs-lab/RDED@3f6453d:argument.py, VILA-Lab/DELT@f2f81ca:recover/models.py)."""
     info = dataset_info(dataset)
     if arch.startswith("conv") and dataset in FOLDER_DATASETS and dataset != "tiny":
         return 64 if dataset == "imagenet" else 128
@@ -225,7 +241,7 @@ _DIGITS = {}
 
 def digits_split(split):
     """scikit-learn's 8x8 digits: pixel/16, bilinear upsample to 32x32, grey copied to 3 channels;
-    train_test_split(arange(1797), test_size=0.2, random_state=0, stratify=y) (DESIGN.md)."""
+    train_test_split(arange(1797), test_size=0.2, random_state=0, stratify=y) (README.md "Datasets")."""
     if split not in _DIGITS:
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
@@ -394,7 +410,7 @@ class ConvNet(nn.Module):
 
 
 def _modified_stem(model):
-    """CIFAR/Tiny ResNet: 3x3 stride-1 bias-free conv1, no max-pool (delt_sre2l_rded_fkd.md §1.4)."""
+    """CIFAR/Tiny ResNet: 3x3 stride-1 bias-free conv1, no max-pool (LINs-lab/RDED@3f6453d:README.md teachers, VILA-Lab/DELT@f2f81ca:recover/models.py)."""
     model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
     model.maxpool = nn.Identity()
     return model
@@ -422,7 +438,8 @@ def build_model(arch, num_classes, size=32):
     raise UserError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
 
 
-# --- the small CIFAR nets INFER uses (kuangliu-style, infer_dmkd.md §2.4) and ResNetAP (Minimax, d4m_vlcp.md §3.6) ---
+# --- the small CIFAR nets INFER uses (kuangliu-style, zhangxin-xd/UFC@83d19f8:models/) and ResNetAP
+# (Minimax, zou-yawen/Dataset-Distillation-via-Vision-Language-Category-Prototype@d0060eb4:04_evaluation/Minimax/) ---
 # The three CIFAR nets carry the module names of the official definitions (UFC@83d19f8:models/
 # {mobilenetv2,efficientnet,shufflenet}.py, from kuangliu/pytorch-cifar): conv1/bn1, layers (layer1-3
 # for ShuffleNet), linear, and conv1..bn3/shortcut/se inside a block, so that the official
@@ -831,8 +848,27 @@ def resolve_norm(dataset, teacher_paths=(), mean=None, std=None, norm="auto", de
 
 
 def cache_dir():
-    """Where digits teachers are cached: $DD_CACHE, else ~/.cache/dd-reference."""
+    """Where digits teachers and shared artefacts are cached: $DD_CACHE, else ~/.cache/dd-reference."""
     return os.environ.get("DD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dd-reference")
+
+
+def weights_hash(model):
+    """A short sha256 of a model's state dict (names, shapes, dtypes, bytes): which teacher made a
+    cached artefact, whatever file or hub id its weights came from."""
+    h = hashlib.sha256()
+    for name, v in model.state_dict().items():
+        v = v.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name}{tuple(v.shape)}{v.dtype}".encode())
+        h.update(v.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def cache_path(kind, key, suffix):
+    """$DD_CACHE/<kind>/<sha256 of key>[:16]<suffix>: artefacts that depend only on the data and a
+    model (DELT's ranking, D4M's latents), shared by every run that asks for the same thing, so a
+    loop over IPC computes them once. `key` is any JSON-able description of what went in."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return os.path.join(cache_dir(), kind, f"{digest}{suffix}")
 
 
 DIGITS_TEACHER_EPOCHS = 3
@@ -898,7 +934,7 @@ def evaluate(model, loader, device="cpu", precision="auto"):
 
 
 # ----------------------------------------------------------------------------------------------
-# BatchNorm-statistics matching (SRe2L/CDA/DELT/INFER; delt_sre2l_rded_fkd.md §2.4)
+# BatchNorm-statistics matching (SRe2L/CDA/DELT/INFER; VILA-Lab/DELT@f2f81ca:recover/utils.py BNFeatureHook)
 # ----------------------------------------------------------------------------------------------
 class BNStatsHook:
     """Per BatchNorm2d layer l, on the input of the current forward:
@@ -1044,7 +1080,7 @@ def barrier():
 
 
 def shard(items, rank, world):
-    """Rank r takes every world-th item (DESIGN.md "Scale"): class c goes to rank c % world."""
+    """Rank r takes every world-th item (README.md "Scale"): class c goes to rank c % world."""
     return list(items)[rank::world]
 
 
@@ -1117,7 +1153,7 @@ def _pid_alive(pid):
 
 
 class RunDir:
-    """An output folder of the on-disk contract (shared/DESIGN.md). It refuses to write over a
+    """An output folder of the on-disk contract (README.md "The on-disk contract"). It refuses to write over a
     different run unless `overwrite`, writes classes.json and run.json, writes each class atomically
     (a temp folder renamed into place), says which classes are already complete, times stages, and
     finishes with status "done" and a preview grid. Under torchrun every rank writes its own class
@@ -1388,9 +1424,9 @@ def save_preview(out, classes=10, per_class=8):
 
 
 def add_generic_args(parser, ipc=10, out=None):
-    """The generic flag group every script shares (shared/STYLE.md, "A method file")."""
+    """The generic flag group every script shares (each script adds its own groups after it)."""
     g = parser.add_argument_group("generic")
-    g.add_argument("--dataset", default="digits", choices=list(DATASETS), help="dataset (DESIGN.md table)")
+    g.add_argument("--dataset", default="digits", choices=list(DATASETS), help="dataset (the table in README.md 'Datasets')")
     g.add_argument("--data-path", default=None, help="dataset root: train/ and val/ folders, or the CIFAR download folder")
     g.add_argument("--ipc", type=int, default=ipc, help="images per class of the distilled set")
     g.add_argument("--out", default=out, help="output folder of the distilled set (the on-disk contract)")
@@ -1411,6 +1447,26 @@ def apply_presets(args, presets, defaults):
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     return args
+
+
+def document_defaults(p, presets=None, defaults=None, sources=""):
+    """Make `--help` a complete guide: every flag's help ends with its default; a flag filled from the
+    per-dataset presets lists the value of each dataset that has one; `sources` (where the presets come
+    from, read the comment beside each value in the file for the exact line) goes to the epilog."""
+    presets, defaults = presets or {}, defaults or {}
+    for a in p._actions:
+        if a.help in (None, argparse.SUPPRESS) or a.dest == "help" or "default" in a.help.lower():
+            continue
+        per = {d: v[a.dest] for d, v in presets.items() if a.dest in v}
+        if a.dest in defaults or per:
+            text = f"default {defaults[a.dest]!r}" if a.dest in defaults else "no default"
+            text += "".join(f"; {d}: {v!r}" for d, v in per.items())
+            a.help += f" (preset: {text})".replace("%", "%%")
+        elif isinstance(a, argparse._StoreAction) and a.default not in (None, argparse.SUPPRESS):
+            a.help += " (default: %(default)s)"
+    if sources:
+        p.epilog = ((p.epilog + "\n\n") if p.epilog else "") + "presets: " + sources
+    return p
 
 
 def hub_from_pretrained(cls, name, flag, **kwargs):
@@ -1512,7 +1568,7 @@ def train_transform(size, mean, std, crop="rrc", min_scale=0.08, flip=True, fact
     RandomCrop with padding (INFER static), flips, RDED's ShufflePatches, DELT's timm RandAugment,
     Minimax's jitter and lighting, then normalisation. Takes a [3,H,W] uint8 or float tensor."""
     ops = []
-    if rand_augment:  # timm's RandAugment works on PIL images (DELT §3.2)
+    if rand_augment:  # timm's RandAugment works on PIL images (VILA-Lab/DELT@f2f81ca:evaluation/argument.py)
         from timm.data.auto_augment import rand_augment_transform
         ops += [T.ToPILImage(), rand_augment_transform(rand_augment, {"translate_const": 117,
                                                                        "img_mean": (124, 116, 104)})]
@@ -1863,7 +1919,7 @@ def fkd_meta(fkd_dir):
 
 
 # ----------------------------------------------------------------------------------------------
-# the soft-label student-training loop (DESIGN.md "Evaluation protocols")
+# the soft-label student-training loop (docs/validate.md)
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class TrainConfig:

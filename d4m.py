@@ -1,42 +1,41 @@
 """D4M: Dataset Distillation via Disentangled Diffusion Model.
 
 Duo Su, Junjie Hou, Weizhi Gao, Yingjie Tian, Bowen Tang. CVPR 2024. arXiv:2407.15138. Official code: github.com/suduo94/D4M (@da35d10).
-Spec of the official code: shared/specs/d4m_vlcp.md §1-2 (section numbers below refer to it).
+Citations: D4M = suduo94/D4M@da35d10, VLCP = zou-yawen/Dataset-Distillation-via-Vision-Language-Category-
+Prototype@d0060eb4, as `D4M:path:line`. Full notes (stages, presets, matches/differs table): docs/d4m.md.
 
 Pipeline (one stage each in main()):
-  1. encode every training image with the Stable Diffusion VAE (a seeded sample, §1.2), class by class;
-  2. per class, MiniBatchKMeans over the latents -> IPC "prototype" latents (§2.2);
-  3. stock img2img from each prototype, prompted with the class name (§1.3, §1.4, §2.3);
-  4. training-time matching (TTM): FKD soft labels of a teacher stored per epoch (§2.4);
-  5. --eval: validate_fkd.py with the stored labels (fkd protocol, §2.5) or online ones (rded).
+  1. encode every training image with the Stable Diffusion VAE (a seeded sample,
+     D4M:distillation/dataset_utils.py:L18-21), class by class;
+  2. per class, MiniBatchKMeans over the latents -> IPC "prototype" latents (D4M:distillation/gen_prototype.py);
+  3. stock img2img from each prototype, prompted with the class name (D4M:distillation/gen_syn_image.py);
+  4. training-time matching (TTM): FKD soft labels of a teacher stored per epoch (D4M:matching/utils_fkd.py:L199-237);
+  5. --eval: validate_fkd.py with the stored labels (fkd protocol, D4M:validate/train_FKD.sh) or online ones (rded).
 
 Runs (the digits run needs no download: it uses a tiny random SD folder, so its images are noise):
-  python -c "import sys; sys.path.insert(0, 'tests'); from tiny_models import build_tiny_sd; build_tiny_sd('/tmp/tiny-sd')"
-  python d4m.py --model /tmp/tiny-sd --size 64 --steps 4 --ttm-epochs 2 --eval --eval-epochs 2
+  uv run python -m tests.tiny_models /tmp/tiny --only sd
+  uv run python d4m.py --model /tmp/tiny/sd --size 64 --steps 4 --ttm-epochs 2 --eval --eval-epochs 2
       -> writes runs/d4m_digits_ipc10 (10 classes x 10 PNGs at 32 px, prototypes.pt, fkd_*.pt) and prints
          "d4m digits ipc10: 100 images ... eval fkd top-1 ..." (the students learn little from noise)
-  python d4m.py --dataset imagenet --data-path $IMAGENET --ipc 10 --eval --eval-student resnet18
+  uv run python d4m.py --dataset imagenet --data-path $IMAGENET --ipc 10 --eval --eval-student resnet18
       -> the paper's ImageNet-1K IPC10 setting (SD v1.5, km_expand 1, 50 PNDM steps, 224 px, ResNet-18 TTM)
-  torchrun --nproc_per_node 8 d4m.py --dataset imagenet --data-path $IMAGENET --ipc 50
+  uv run torchrun --nproc_per_node 8 d4m.py --dataset imagenet --data-path $IMAGENET --ipc 50
       -> classes and TTM epochs sharded over 8 GPUs; rerun the same command to resume
 
-Deliberate deviations from the official code (§4, §5), each for the reason given:
-  - stock diffusers StableDiffusionImg2ImgPipeline with the 4-channel prototype latent as `image`: the same maths
-    and RNG use as the repo's two custom pipelines (§1.3), with no copying of files into diffusers (§4.12, §5);
-    the latents are computed directly as vae.encode(2x-1).latent_dist.sample(g) * scaling_factor (§1.2);
-  - every class's last partial k-means buffer is flushed (the official code flushes only the last class, §4.1);
-    `--kmeans full` offers exact k-means instead;
-  - prompts come from the dataset's class list in torchvision order, so CIFAR-100 (§4.2), ImageNet's two
-    "crane" classes and Tiny-ImageNet's names (§4.3) are right; everything is keyed by class index (§4.4);
-  - output at the dataset's resolution (`--out-size`, official: 224 for every dataset, §4.5), class folders
-    00000.. with files 00000.png.. (official: unpadded folders and colliding names, §4.6, §4.7);
-  - the safety checker is off (official: on, flagged images come out black) and everything is seeded: one
-    generator per encoded image and per synthesized image (official: unseeded, §4.8);
-  - many prototypes per img2img call (`--batch-size`; official: one call per image); per-image generators make
-    the images independent of the batch composition;
-  - latents are streamed class by class, never all in memory (VLCP §4.4); classes are sharded over torchrun ranks;
-  - TTM labels are stored with common.fkd_generate and replayed by validate_fkd.py without patching torch's
-    DataLoader (official: patched _MapDatasetFetcher, mandatory wandb, broken import, §2.4, §4.10).
+Deliberate deviations from the official code (docs/d4m.md gives the reason for each):
+  - stock diffusers StableDiffusionImg2ImgPipeline with the 4-channel prototype latent as `image` (same maths and
+    random draws as D4M:scripts/pipeline_stable_diffusion_latents2img.py, no files copied into diffusers);
+  - every class's last partial k-means buffer is flushed (official: the last class only,
+    D4M:distillation/gen_prototype.py:L83-84); `--kmeans full` offers exact k-means;
+  - prompts from the dataset's class list in torchvision order (official: D4M:distillation/label-prompt/ files,
+    CIFAR-100 in superclass order, ImageNet's two "crane" swapped); everything keyed by class index;
+  - output at the dataset's resolution (`--out-size`; official 224 for all, D4M:distillation/gen_syn_image.py:L69),
+    class folders 00000.. with files 00000.png.. (official: unpadded folders, colliding names);
+  - safety checker off (official: on, flagged images come out black); everything seeded per image;
+  - many prototypes per img2img call (`--batch-size`); latents streamed class by class and cached under $DD_CACHE;
+    classes sharded over torchrun ranks;
+  - TTM labels stored by common.fkd_generate and replayed by validate_fkd.py without patching torch's DataLoader
+    (official: patched _MapDatasetFetcher, mandatory wandb, broken import at D4M:validate/train_FKD.py:L21).
 """
 import argparse
 import importlib.util
@@ -52,7 +51,7 @@ from tqdm import tqdm
 
 import common
 
-NEGATIVE_PROMPT = "cartoon, anime, painting"  # both repos' unconditional branch (§1.4)
+NEGATIVE_PROMPT = "cartoon, anime, painting"  # both repos' unconditional branch (D4M:scripts/pipeline_stable_diffusion_latents2img.py)
 
 # Per-dataset values; an explicit flag always beats them. Unlisted flags come from DEFAULTS.
 PRESETS = {
@@ -77,38 +76,42 @@ PRESETS = {
     },
 }
 DEFAULTS = {
-    "size": 512,  # official gen_prototype.py --size default (§1.2)
-    "km_expand": 10,  # official gen_prototype.py --km_expand default (§2.2)
-    "kmeans": "minibatch",  # official gen_prototype.py (§2.2)
-    "strength": 0.7,  # official gen_syn_image_imgnt.sh (argparse default 0.75, §2.3)
-    "guidance_scale": 8.0,  # official gen_syn_image_imgnt.sh -g 8 (§2.3)
-    "steps": 50,  # official: never passed, so the pipeline default (§1.1)
+    "size": 512,  # official gen_prototype.py --size default (D4M:distillation/dataset_utils.py:L18-21)
+    "km_expand": 10,  # official gen_prototype.py --km_expand default (D4M:distillation/gen_prototype.py)
+    "kmeans": "minibatch",  # official gen_prototype.py (D4M:distillation/gen_prototype.py)
+    "strength": 0.7,  # official gen_syn_image_imgnt.sh (argparse default 0.75, D4M:distillation/gen_syn_image_imgnt.sh)
+    "guidance_scale": 8.0,  # official gen_syn_image_imgnt.sh -g 8 (D4M:distillation/gen_syn_image_imgnt.sh)
+    "steps": 50,  # official: never passed, so the pipeline default (D4M:distillation/gen_prototype.py:L123)
     "teacher": "resnet18",  # official matching/matching.sh
-    "ttm_epochs": 300,  # official matching/generate_soft_label.py --epochs 300 (§2.4)
-    "ttm_batch_size": 1024,  # official matching/matching.sh -b 1024 (§2.4)
+    "ttm_epochs": 300,  # official matching/generate_soft_label.py --epochs 300 (D4M:matching/utils_fkd.py:L199-237)
+    "ttm_batch_size": 1024,  # official matching/matching.sh -b 1024 (D4M:matching/utils_fkd.py:L199-237)
 }
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_generic_args(p, ipc=10)
-    g = p.add_argument_group("generator (Stable Diffusion, §1.1)")
+    g = p.add_argument_group("generator (Stable Diffusion, D4M:distillation/gen_prototype.py:L123)")
     g.add_argument("--model", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
                    help="hub id or local folder of a Stable Diffusion v1.x checkpoint (diffusers layout)")
     g.add_argument("--scheduler", default=None, choices=("pndm", "ddim", "dpm"),
                    help="sampler; default: the checkpoint's own (PNDM for SD v1.5, as the paper)")
-    g.add_argument("--size", type=int, default=None, help="images are squashed to size x size before encoding (§1.2)")
+    g.add_argument("--size", type=int, default=None, help="images are squashed to size x size before encoding (D4M:distillation/dataset_utils.py:L18-21)")
     g.add_argument("--latent", default="sample", choices=("sample", "mean"),
                    help="VAE posterior sample (official) or its mean")
     g.add_argument("--encode-batch-size", type=int, default=16, help="images per VAE encode call")
-    g = p.add_argument_group("prototypes (§2.2)")
+    g = p.add_argument_group("prototypes (D4M:distillation/gen_prototype.py)")
     g.add_argument("--prototypes", type=int, default=None, help="k-means prototypes per class (default: --ipc); "
                    "more images than prototypes reuse them with new noise")
     g.add_argument("--km-expand", type=int, default=None, help="k-means partial_fit buffer = km_expand x prototypes latents")
     g.add_argument("--kmeans", default=None, choices=("minibatch", "full"),
                    help="minibatch: MiniBatchKMeans.partial_fit over buffers (official); full: exact KMeans")
     g.add_argument("--save-latents", default=None, help="folder to keep each class's latents in k-means order (for inspection)")
-    g = p.add_argument_group("synthesis (§1.4, §2.3)")
+    g.add_argument("--no-latent-cache", dest="latent_cache", action="store_false",
+                   help="do not keep the VAE latents under $DD_CACHE/d4m_latents/ (default: kept, keyed by dataset, "
+                        "VAE weights, --size, --latent and --seed, so a loop over IPC encodes once; ImageNet-1K at "
+                        "512 px in fp16 takes ~42 GB)")
+    g = p.add_argument_group("synthesis (D4M:distillation/gen_syn_image_imgnt.sh)")
     g.add_argument("--strength", type=float, default=None, help="img2img strength: fraction of the steps run")
     g.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
     g.add_argument("--steps", type=int, default=None, help="num_inference_steps (36 of 50 run at strength 0.7)")
@@ -116,7 +119,7 @@ def parse_args(argv=None):
     g.add_argument("--negative-prompt", default=NEGATIVE_PROMPT, help="the unconditional branch of CFG")
     g.add_argument("--batch-size", type=int, default=8, help="prototypes per img2img call")
     g.add_argument("--out-size", type=int, default=None, help="side of the written images (default: the dataset's resolution)")
-    g = p.add_argument_group("training-time matching (§2.4) and evaluation (§2.5)")
+    g = p.add_argument_group("training-time matching (D4M:matching/utils_fkd.py:L199-237) and evaluation (D4M:validate/train_FKD.sh)")
     g.add_argument("--teacher", default=None, help=f"teacher architecture ({', '.join(common.ARCHS)})")
     g.add_argument("--teacher-path", default=None, help="teacher checkpoint (default: torchvision weights for imagenet, cached for digits)")
     g.add_argument("--ttm-epochs", type=int, default=None, help="epochs of stored FKD soft labels (0: none)")
@@ -125,6 +128,10 @@ def parse_args(argv=None):
     g.add_argument("--eval-epochs", type=int, default=None, help="student epochs (default: validate_fkd's, at most --ttm-epochs for fkd)")
     g.add_argument("--eval-repeats", type=int, default=None, help="students trained (default: validate_fkd's)")
     g.add_argument("--eval-student", default=None, help="student architecture (default: validate_fkd's)")
+    common.document_defaults(p, PRESETS, DEFAULTS, (
+        "ImageNet-1K from suduo94/D4M@da35d10 (distillation/gen_prototype_imgnt.sh, gen_syn_image_imgnt.sh, "
+        "matching/matching.sh); CIFAR/Tiny teachers: not published (official issue #7 for CIFAR); digits: our "
+        "choice. The source of each value is the comment beside it in PRESETS/DEFAULTS in d4m.py."))
     args = p.parse_args(argv)
     common.apply_presets(args, PRESETS, DEFAULTS)
     args.out = args.out or os.path.join("runs", f"d4m_{args.dataset}_ipc{args.ipc}")
@@ -146,12 +153,14 @@ def generators(seeds):
 
 
 def class_prompts(classes, template="{name}"):
-    """The prompt of each class index, from the dataset's own class list (§2.1, fixing §4.2-4.4)."""
+    """The prompt of each class index, from the dataset's own class list 
+    (official: the D4M:distillation/label-prompt/ files, read by D4M:distillation/dataset_utils.py:L101-112)."""
     return [template.format(name=c["name"]) for c in classes]
 
 
 def load_generator(args, device):
-    """Stock StableDiffusionImg2ImgPipeline (§1.3), fp16 on CUDA, safety checker off (§4.8)."""
+    """Stock StableDiffusionImg2ImgPipeline 
+    (the maths of D4M:scripts/pipeline_stable_diffusion_latents2img.py), fp16 on CUDA, safety checker off."""
     from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler,
                            StableDiffusionImg2ImgPipeline)
     dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
@@ -167,7 +176,7 @@ def load_generator(args, device):
 
 @torch.no_grad()
 def encode_latents(vae, images, seeds, mode="sample"):
-    """z = vae.encode(2x-1).latent_dist.sample(g) * scaling_factor (§1.2), one generator per image."""
+    """z = vae.encode(2x-1).latent_dist.sample(g) * scaling_factor (D4M:distillation/dataset_utils.py:L18-21), one generator per image."""
     x = (2 * images - 1).to(vae.device, vae.dtype)
     dist = vae.encode(x).latent_dist
     z = dist.sample(generator=generators(seeds)) if mode == "sample" else dist.mean
@@ -179,7 +188,7 @@ def encoded_classes(ds, class_indices, vae, args):
     across classes), each class in a seeded shuffled order (the official loader shuffles), batches never
     mixing classes, so the latents stream class by class and never sit in memory all at once."""
     from torchvision.transforms import v2 as T
-    ds.transform = T.Compose([common.to_tensor(), T.Resize((args.size, args.size), antialias=True)])  # squash, no crop (§1.2)
+    ds.transform = T.Compose([common.to_tensor(), T.Resize((args.size, args.size), antialias=True)])  # squash, no crop (D4M:distillation/dataset_utils.py:L18-21)
     batches = [(c, idx[s:s + args.encode_batch_size].tolist()) for c, idx in class_indices
                for s in range(0, len(idx), args.encode_batch_size)]
     workers = 0 if args.dataset == "digits" else args.workers  # digits lives in memory: workers only cost
@@ -189,9 +198,9 @@ def encoded_classes(ds, class_indices, vae, args):
 
 
 def kmeans_prototypes(latent_batches, n_prototypes, km_expand, mode, seed):
-    """Per-class prototypes (§2.2). minibatch: the official MiniBatchKMeans(n_clusters=P, random_state,
+    """Per-class prototypes (D4M:distillation/gen_prototype.py). minibatch: the official MiniBatchKMeans(n_clusters=P, random_state,
     batch_size=km_expand*P, n_init="auto") fed by partial_fit over buffers of km_expand*P latents, the last
-    partial buffer flushed too (§4.1). full: KMeans over all the class's latents. Returns (centres, latents)."""
+    partial buffer flushed too (D4M:distillation/gen_prototype.py:L83-84). full: KMeans over all the class's latents. Returns (centres, latents)."""
     from sklearn.cluster import KMeans, MiniBatchKMeans
     seen, buffer, buffer_len = [], [], 0
     km = MiniBatchKMeans(n_clusters=n_prototypes, random_state=seed, batch_size=km_expand * n_prototypes, n_init="auto")
@@ -215,8 +224,8 @@ def kmeans_prototypes(latent_batches, n_prototypes, km_expand, mode, seed):
 
 @torch.no_grad()
 def synthesize(pipe, prototypes, prompts, seeds, args):
-    """Stock img2img from a batch of 4-channel prototype latents (§1.3): the prototype is noised to the first
-    kept timestep and denoised with CFG against the negative prompt (§1.4). Returns PIL images."""
+    """Stock img2img from a batch of 4-channel prototype latents (D4M:scripts/pipeline_stable_diffusion_latents2img.py): the prototype is noised to the first
+    kept timestep and denoised with CFG against the negative prompt (D4M:scripts/pipeline_stable_diffusion_latents2img.py). Returns PIL images."""
     return pipe(prompt=prompts, image=prototypes.to(pipe.device, pipe.unet.dtype),
                 negative_prompt=[args.negative_prompt] * len(prompts), strength=args.strength,
                 guidance_scale=args.guidance_scale, num_inference_steps=args.steps,
@@ -224,14 +233,14 @@ def synthesize(pipe, prototypes, prompts, seeds, args):
 
 
 def to_dataset_resolution(images, size):
-    """PIL resize with the official BICUBIC filter (§1.4) to the dataset's side, as [n,3,s,s] in [0,1]."""
+    """PIL resize with the official BICUBIC filter (D4M:scripts/pipeline_stable_diffusion_latents2img.py) to the dataset's side, as [n,3,s,s] in [0,1]."""
     from PIL import Image
     to_tensor = common.to_tensor()
     return torch.stack([to_tensor(im.resize((size, size), Image.BICUBIC)) for im in images])
 
 
 def run_validation(args):
-    """validate_fkd.py on the written set: stored TTM labels (fkd, §2.5) or an online teacher (rded)."""
+    """validate_fkd.py on the written set: stored TTM labels (fkd, D4M:validate/train_FKD.sh) or an online teacher (rded)."""
     import validate_fkd
     argv = ["--syn-data-path", args.out, "--dataset", args.dataset, "--protocol", args.eval_protocol,
             "--seed", str(args.seed), "--device", args.device, "--workers", str(args.workers),
@@ -277,14 +286,14 @@ def main(argv=None):
         raise common.UserError(f"--size {args.size} must be a multiple of the VAE's factor {factor}")
     run = common.RunDir(args.out, args, classes, rank=d.rank, overwrite=args.overwrite,
                         extra_artefacts=("prototypes.pt", ".prototypes"),
-                        ignore=("batch_size", "encode_batch_size", "save_latents", "ttm_epochs", "eval_student"))
+                        ignore=("batch_size", "encode_batch_size", "save_latents", "latent_cache", "ttm_epochs", "eval_student"))
     run.record.update({"prompts": prompts, "scheduler": type(pipe.scheduler).__name__, "out_size": out_size,
                        "latent_shape": [pipe.vae.config.latent_channels, args.size // factor, args.size // factor]})
     mine = common.shard(range(len(classes)), d.rank, d.world)
     print(f"d4m {args.dataset}: {len(classes)} classes ({len(mine)} on rank {d.rank}), model {args.model}, "
           f"{run.record['scheduler']}, {args.steps} steps x strength {args.strength}, guidance {args.guidance_scale}")
 
-    # --- stage 1-2: VAE latents (§1.2) and k-means prototypes per class (§2.2), streamed class by class ---
+    # --- stage 1-2: VAE latents and k-means prototypes per class (D4M:distillation/gen_prototype.py), class by class ---
     merged = os.path.join(args.out, "prototypes.pt")
     partial = os.path.join(args.out, ".prototypes")
     if not os.path.isfile(merged):
@@ -294,10 +303,30 @@ def main(argv=None):
         order = {c: idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(image_seed(args.seed, 0, c)))]
                  for c, idx in order.items()}
         shape = run.record["latent_shape"]
+        # the latents depend on the data, the VAE, --size, --latent and --seed, not on IPC: cached per class under
+        # $DD_CACHE so that a loop over IPC encodes once (k-means, which depends on IPC, reruns on them)
+        paths = [os.path.relpath(p, train.root) for p, _ in train.samples] if hasattr(train, "samples") else None
+        cache = common.cache_path("d4m_latents", {
+            "dataset": args.dataset, "data_path": os.path.abspath(args.data_path) if args.data_path else None,
+            "files": common.cache_path("", [paths, targets.tolist()], ""), "vae": common.weights_hash(pipe.vae),
+            "dtype": str(pipe.vae.dtype), "size": args.size, "latent": args.latent, "seed": args.seed}, "")
+        cached = {c for c in todo if args.latent_cache and os.path.isfile(os.path.join(cache, f"{c:05d}.pt"))}
+        run.record["latent_cache"] = {"path": cache if args.latent_cache else None, "reused_classes": len(cached)}
+
+        def class_latents():  # (class, latent batches): from the cache, or encoded (streamed) and then cached
+            for c in todo:
+                if c in cached:
+                    yield c, [torch.load(os.path.join(cache, f"{c:05d}.pt"), weights_only=True)]
+            stream = encoded_classes(train, [(c, order[c]) for c in todo if c not in cached], pipe.vae, args)
+            for c, group in groupby(stream, key=itemgetter(0)):
+                yield c, (z for _, z in group)
+
         with run.stage("latents_prototypes", items=int(sum(counts[c] for c in todo))) if todo else nullcontext():
-            stream = encoded_classes(train, order.items(), pipe.vae, args)
-            for c, group in tqdm(groupby(stream, key=itemgetter(0)), total=len(todo), desc="prototypes", disable=not d.main):
-                centres, latents = kmeans_prototypes((z for _, z in group), args.prototypes, args.km_expand, args.kmeans, args.seed)
+            for c, batches in tqdm(class_latents(), total=len(todo), desc="prototypes", disable=not d.main):
+                centres, latents = kmeans_prototypes(batches, args.prototypes, args.km_expand, args.kmeans, args.seed)
+                if args.latent_cache and c not in cached:
+                    os.makedirs(cache, exist_ok=True)
+                    common.atomic_torch_save(latents, os.path.join(cache, f"{c:05d}.pt"))
                 if args.save_latents:
                     os.makedirs(args.save_latents, exist_ok=True)
                     common.atomic_torch_save({"latents": latents.view(-1, *shape), "index": order[c]},
@@ -315,13 +344,13 @@ def main(argv=None):
         raise common.UserError(f"{merged} was made for a different class list; pass --overwrite to remake it")
     prototypes = saved["prototypes"]
 
-    # --- stage 3: img2img synthesis from the prototypes with the class-name prompt (§1.3, §1.4, §2.3) ---
+    # --- stage 3: img2img synthesis from the prototypes with the class-name prompt (D4M:distillation/gen_syn_image.py) ---
     jobs = [(c, i) for c in mine if not run.class_complete(c, args.ipc) for i in range(args.ipc)]
     pending = {}
     with run.stage("synthesis", items=len(jobs)) if jobs else nullcontext():
         for b in tqdm(range(0, len(jobs), args.batch_size), desc="synthesis", disable=not d.main):
             batch = jobs[b:b + args.batch_size]
-            # image i of a class starts from prototype i % P with its own noise (official: ipc/P passes, §2.3)
+            # image i of a class starts from prototype i % P with its own noise (official: ipc/P passes, D4M:distillation/gen_syn_image_imgnt.sh)
             images = synthesize(pipe, torch.stack([prototypes[c][i % args.prototypes] for c, i in batch]),
                                 [prompts[c] for c, _ in batch], [image_seed(args.seed, 2, c, i) for c, i in batch], args)
             for (c, i), im in zip(batch, to_dataset_resolution(images, out_size)):
@@ -331,7 +360,7 @@ def main(argv=None):
     del pipe
     common.barrier()
 
-    # --- stage 4: training-time matching (TTM), FKD soft labels stored per epoch (§2.4) ---
+    # --- stage 4: training-time matching (TTM), FKD soft labels stored per epoch (D4M:matching/utils_fkd.py:L199-237) ---
     if args.ttm_epochs:
         images, _ = common.load_image_set(args.out, classes)
         teacher = common.load_teacher(args.teacher, args.dataset, args.teacher_path, args.data_path, device=d.device)
@@ -353,7 +382,7 @@ def main(argv=None):
                              "epochs": args.ttm_epochs, "batch_size": args.ttm_batch_size}
         common.barrier()
 
-    # --- stage 5: evaluation of the distilled set with validate_fkd.py (§2.5) ---
+    # --- stage 5: evaluation of the distilled set with validate_fkd.py (D4M:validate/train_FKD.sh) ---
     summary = {}
     if args.eval:
         result = run_validation(args)

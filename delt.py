@@ -1,27 +1,29 @@
 """DELT: A Simple Diversity-driven EarlyLate Training for Dataset Distillation.
 
 Zhiqiang Shen, Ammar Sherif, Zeyuan Yin, Shitong Shao. CVPR 2025. arXiv:2411.19946.
-Official code: https://github.com/VILA-Lab/DELT (read at f2f81cad0e25; spec:
-shared/specs/delt_sre2l_rded_fkd.md, cited below as §x.y).
+Official code: https://github.com/VILA-Lab/DELT, read at commit f2f81cad0e25. Citations below:
+D = VILA-Lab/DELT@f2f81ca, S = VILA-Lab/SRe2L@8d00cba, R = LINs-lab/RDED@3f6453d, as `D:path`.
+The full notes (stages, presets, what matches the official code and what differs): docs/delt.md.
 
 Pipeline: (1) rank every real training image by the teacher's probability of its true class and
-pick IPC per class around the median ("medium", §1.1); (2) recover: CDA-style BN-statistics
-matching that starts from those real images, with the EarlyLate schedule: the IPC images of a
+pick IPC per class around the median ("medium", D:data_selection.py); (2) recover: CDA-style
+BN-statistics matching that starts from those real images, with the EarlyLate schedule: the IPC images of a
 class are split into M = iterations / round-itr groups by rank, group r joins at round r and is
 optimised to the end, so early images are fully optimised and late ones stay close to real
-(§1.3); (3) evaluate with RDED's online soft-label protocol plus DELT's RandAugment (§3.2).
+(D:recover/recover.py get_images); (3) evaluate with RDED's online soft-label protocol plus
+DELT's RandAugment (D:evaluation/argument.py).
 `--no-early-late --init noise` gives the CDA baseline from the same file (SRe2L: add
 `--milestone 0 --jitter 32`).
 
-  python delt.py        # digits, IPC 10, conv3 teacher: ~2 CPU-minutes; prints the top-1 of the
+  uv run python delt.py  # digits, IPC 10, conv3 teacher: ~2 CPU-minutes; prints the top-1 of the
                         # distilled set and of random real images at the same IPC (rded protocol),
                         # e.g. "top-1 distilled 96.30 ± 0.47 vs random real 95.46 ± 0.73" with --eval-repeats 3
-  python delt.py --dataset imagenet --data-path "$IMAGENET" --ipc 50 --eval   # the official IN-1K setting
-  torchrun --nproc_per_node 8 delt.py --dataset tiny --data-path "$TINY" --teacher-path tiny_rn18.pth --ipc 50
+  uv run python delt.py --dataset imagenet --data-path "$IMAGENET" --ipc 50 --eval   # the official IN-1K setting
+  uv run torchrun --nproc_per_node 8 delt.py --dataset tiny --data-path "$TINY" --teacher-path tiny_rn18.pth --ipc 50
 
-Deliberate deviations from the official code (§6.1):
-  * one script does ranking, selection, recover and evaluation; the ranking CSV lives in the output
-    folder (or --ranking-file) and is reused; selection indexes images, it does not copy files;
+Deliberate deviations from the official code (docs/delt.md gives the reason for each):
+  * one script does ranking, selection, recover and evaluation; the ranking CSV is cached under
+    $DD_CACHE by data and teacher (or --ranking-file) and reused; selection indexes images, it does not copy files;
   * the teacher's own normalisation is used for ranking, recover and evaluation alike (official ranking
     and evaluation always use ImageNet statistics, recover the dataset's): by default what the checkpoint
     expects (RDED's ConvNet layout: ImageNet), else the dataset's; --norm imagenet for RDED's ResNets;
@@ -34,7 +36,7 @@ Deliberate deviations from the official code (§6.1):
     iterate is saved as the official code effectively does; --round-lr-reset (dead) and
     --min-iterations (unused by every script, unseeded) are not implemented;
   * arguments are validated (T a multiple of round-itr, round-itr > 0, IPC <= class size);
-  * the teacher is not wrapped in DataParallel (its BN hooks race across replicas, §2.4).
+  * the teacher is not wrapped in DataParallel (its BN hooks race across replicas, D:recover/utils.py BNFeatureHook).
 """
 import argparse
 import csv
@@ -42,6 +44,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 
 import torch
@@ -54,7 +57,7 @@ import common
 # ------------------------------------------------------------------------------------------------
 # flags and presets
 # ------------------------------------------------------------------------------------------------
-# Official values exist only for ImageNet-1K (D:scripts/resnet18_imagenet1k_synthesis.sh, §1.5);
+# Official values exist only for ImageNet-1K (D:scripts/resnet18_imagenet1k_synthesis.sh);
 # every other dataset takes them as "not published: our choice (the ImageNet-1K values)".
 DEFAULTS = dict(
     teacher="resnet18",        # D:scripts/resnet18_imagenet1k_synthesis.sh
@@ -74,11 +77,11 @@ DEFAULTS = dict(
 )
 PRESETS = {
     "imagenet": dict(teacher="resnet18"),             # torchvision IMAGENET1K_V1 (official)
-    "imagenet100": dict(teacher="resnet18"),          # not published: RDED's ResNet-18 checkpoint (§1.4)
+    "imagenet100": dict(teacher="resnet18"),          # not published: RDED's ResNet-18 checkpoint (D:recover/models.py)
     "imagenette": dict(teacher="resnet18"),           # not published: RDED's ResNet-18 checkpoint
     "imagewoof": dict(teacher="resnet18"),            # not published: RDED's ResNet-18 checkpoint
     "tiny": dict(teacher="resnet18_modified"),        # not published: D:scripts/select_medium_tiny_rn18_ep50_ipc50.sh ranker
-    "cifar10": dict(teacher="resnet18_modified"),     # not published: RDED's CIFAR ResNet-18 (§1.4)
+    "cifar10": dict(teacher="resnet18_modified"),     # not published: RDED's CIFAR ResNet-18 (D:recover/models.py)
     "cifar100": dict(teacher="resnet18_modified"),    # not published: RDED's CIFAR ResNet-18
     # not published: our choice so that `python delt.py` (IPC 10) recovers in under a CPU-minute and
     # evaluates itself; 10 rounds of 10 iterations keep the EarlyLate structure (1 image per round)
@@ -91,7 +94,7 @@ def build_parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_generic_args(p, ipc=10)
     p.set_defaults(eval=None)
-    g = p.add_argument_group("evaluation (validate_fkd.py, DELT's protocol §3.2)")
+    g = p.add_argument_group("evaluation (validate_fkd.py, DELT's protocol D:evaluation/argument.py)")
     g.add_argument("--no-eval", dest="eval", action="store_false", help="skip the evaluation (on by default for digits)")
     g.add_argument("--eval-student", default=None, help="student architecture (default: the teacher's)")
     g.add_argument("--eval-epochs", type=int, default=None, help="student epochs (default: validate_fkd's preset)")
@@ -104,12 +107,14 @@ def build_parser():
                         "layout: imagenet), else the dataset's. RDED's ResNet checkpoints expect imagenet")
     g.add_argument("--mean", type=float, nargs=3, default=None, help="explicit normalisation mean (beats --norm)")
     g.add_argument("--std", type=float, nargs=3, default=None, help="explicit normalisation std (beats --norm)")
-    g = p.add_argument_group("ranking and selection (§1.1)")
+    g = p.add_argument_group("ranking and selection (D:data_selection.py)")
     g.add_argument("--selection", default=None, choices=("medium", "top", "min", "random"),
                    help="which real images initialise each class (DELT: medium)")
-    g.add_argument("--ranking-file", default=None, help="ranking CSV to reuse or write (default <out>/ranking.csv)")
+    g.add_argument("--ranking-file", default=None,
+                   help="ranking CSV to reuse or write (default: $DD_CACHE/delt_ranking/<hash of dataset, teacher "
+                        "and its weights>.csv, so a loop over IPC ranks once; a copy goes to <out>/ranking.csv)")
     g.add_argument("--init", default=None, choices=("real", "noise"), help="real selected images (DELT) or N(0,1) (SRe2L/CDA)")
-    g = p.add_argument_group("recover (§1.3)")
+    g = p.add_argument_group("recover (D:recover/recover.py get_images)")
     g.add_argument("--iterations", type=int, default=None, help="iterations T of a batch (ITR)")
     g.add_argument("--round-itr", type=int, default=None, help="iterations per EarlyLate round (ROUND_ITR)")
     g.add_argument("--no-early-late", dest="early_late", action="store_false",
@@ -126,11 +131,14 @@ def build_parser():
     common.add_precision_arg(g)
     g.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
                    help="run the recover step eagerly on CUDA instead of as one CUDA graph per round (same maths)")
-    return p
+    return common.document_defaults(p, PRESETS, DEFAULTS, (
+        "ImageNet-1K from VILA-Lab/DELT@f2f81ca:scripts/resnet18_imagenet1k_synthesis.sh; the official code "
+        "publishes no other dataset, which takes the ImageNet-1K values (our choice); digits: our choice, a "
+        "few CPU minutes. The source of each value is the comment beside it in PRESETS in delt.py."))
 
 
 # ------------------------------------------------------------------------------------------------
-# ranking and selection (§1.1)
+# ranking and selection (D:data_selection.py)
 # ------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def true_class_probability(teacher, ds, chunks, device, workers, precision="auto"):
@@ -199,7 +207,7 @@ def read_ranking(path, classes, targets, paths):
 
 
 # ------------------------------------------------------------------------------------------------
-# EarlyLate schedule and batches (§1.3.6)
+# EarlyLate schedule and batches (D:recover/recover.py get_round_imgs_indx)
 # ------------------------------------------------------------------------------------------------
 def early_late_schedule(ipc, iterations, round_itr, early_late=True):
     """M = T // R groups by in-class rank; sizes floor(IPC/M), the first IPC mod M one larger;
@@ -229,10 +237,10 @@ def plan_batches(num_classes, ipc, batch_size):
 
 
 # ------------------------------------------------------------------------------------------------
-# recover (§1.3)
+# recover (D:recover/recover.py get_images)
 # ------------------------------------------------------------------------------------------------
 def crop_min_scale(t, total, schedule, milestone):
-    """CDA's easy-to-hard curriculum of the RandomResizedCrop lower scale (§1.3.2)."""
+    """CDA's easy-to-hard curriculum of the RandomResizedCrop lower scale (D:recover/recover.py get_images)."""
     if t < milestone * total:
         u = t / (milestone * total)
         return {"cosine": 0.08 + 0.92 * (1 + math.cos(math.pi * u)) / 2, "linear": 0.08 + 0.92 * (1 - u),
@@ -299,7 +307,7 @@ def recover_step(teacher, hook, x, opt, active, ys, t, views, lrs, r_bn, lo, hi,
     """One recover iteration, entirely on the device with fixed shapes (so CUDA can replay it as a
     graph): read step t's view and LR from the device tables, crop/flip/roll the active rows as two
     resampling matrices (gradients flow through), CE + r_bn * BN loss, Adam step, clip to [0, 1]
-    pixels (§1.3.5), add (CE, BN) to this round's trace, t += 1."""
+    pixels (D:recover/recover.py get_images), add (CE, BN) to this round's trace, t += 1."""
     v = views.index_select(0, t)[0]
     s = x.shape[-1]
     wy = common.resize_weights(v[0], v[2], s, s, shift=v[5])
@@ -313,7 +321,7 @@ def recover_step(teacher, hook, x, opt, active, ys, t, views, lrs, r_bn, lo, hi,
     ce = F.cross_entropy(logits.float(), ys)
     bn = torch.as_tensor(hook.loss(), dtype=torch.float32, device=x.device)
     (ce + r_bn * bn).backward()
-    opt.param_groups[0]["lr"].copy_(lrs.index_select(0, t)[0])  # cosine without warm-up (§1.3.4)
+    opt.param_groups[0]["lr"].copy_(lrs.index_select(0, t)[0])  # cosine without warm-up (D:recover/recover.py get_images)
     opt.step()
     with torch.no_grad():
         x.clamp_(lo, hi)
@@ -362,8 +370,8 @@ def early_late_recover(teacher, hook, x0, y, group, sched, args, rng, mean, std,
 
 @torch.no_grad()
 def within_class_similarity(teacher, x):
-    """§5.4 diversity (lower = more diverse): mean cosine similarity over ordered pairs i != j of
-    the teacher's penultimate features of one class's images. Assumption of the spec: the paper's
+    """The diversity of D:imgs/diversity_comparison.png (lower = more diverse): mean cosine similarity over
+    ordered pairs i != j of the teacher's penultimate features of one class's images. Our assumption: the paper's
     extractor is not in the repo."""
     if len(x) < 2:
         return None
@@ -409,8 +417,8 @@ def load_stats(out, identity):
 
 
 def class_record(teacher, x_init, x_final, mean, std, device, precision="auto"):
-    """One class's diversity before/after (§5.4) and how far each rank moved from its start (RMS
-    pixel change: EarlyLate's early ranks should move furthest)."""
+    """One class's diversity before/after (D:imgs/diversity_comparison.png) and how far each rank
+    moved from its start (RMS pixel change: EarlyLate's early ranks should move furthest)."""
     pix_i, pix_f = common.denormalize(x_init, mean, std).clamp(0, 1), common.denormalize(x_final, mean, std).clamp(0, 1)
     with common.autocast(device, precision):
         div_i, div_f = (within_class_similarity(teacher, x.to(device)) for x in (x_init, x_final))
@@ -453,7 +461,7 @@ def main(argv=None):
     sched = early_late_schedule(args.ipc, args.iterations, args.round_itr, args.early_late)
     group_of_rank = torch.tensor(sched["group_of_rank"])
 
-    # --- stage 0: squeeze = a pre-trained teacher (§1.2), trained/cached once for digits ---
+    # --- stage 0: squeeze = a pre-trained teacher (D:recover/models.py), trained/cached once for digits ---
     if not d.main:
         common.barrier()  # rank 0 trains/caches a digits teacher first
     teacher = common.load_teacher(args.teacher, args.dataset, args.teacher_path, args.data_path, device=d.device)
@@ -486,13 +494,19 @@ def main(argv=None):
     for i, t in enumerate(targets):
         by_class.setdefault(t, []).append(i)
 
-    # --- stage 1: rank real images by the teacher's true-class probability and select (§1.1) ---
+    # --- stage 1: rank real images by the teacher's true-class probability and select (D:data_selection.py) ---
     picks = {}
     if args.init == "real":
-        ranking = args.ranking_file or os.path.join(args.out, "ranking.csv")
         paths = ([os.path.relpath(p, train.root) for p, _ in train.samples] if hasattr(train, "samples") else None)
+        # the ranking depends on the data and the teacher only, not on IPC: cached under $DD_CACHE by
+        # (dataset, its files, teacher, the teacher's weights, normalisation), so a loop over IPC ranks once
+        ranking = args.ranking_file or common.cache_path("delt_ranking", {
+            "dataset": args.dataset, "data_path": os.path.abspath(args.data_path) if args.data_path else None,
+            "files": common.cache_path("", [paths, targets], ""), "teacher": args.teacher,
+            "weights": common.weights_hash(teacher), "mean": list(mean), "std": list(std), "size": size}, ".csv")
         with run.stage("selection", items=sum(len(by_class[c]) for c in my_classes)):
-            if not os.path.isfile(ranking):
+            ranking_reused = os.path.isfile(ranking)
+            if not ranking_reused:
                 chunks = [by_class[c][i:i + 256] for c in my_classes for i in range(0, len(by_class[c]), 256)]
                 scores = true_class_probability(teacher, train, chunks, d.device, workers, args.precision)
                 order = [i for ch in chunks for i in ch]
@@ -511,10 +525,14 @@ def main(argv=None):
                     raise common.UserError(f"ranking file {ranking} has {len(scored[c])} rows for class {c}, the "
                                            f"dataset {int(counts[c])}: delete it or pass another --ranking-file")
                 picks[c] = select(scored[c], args.ipc, args.selection, args.seed * 1000003 + c)
+        if d.main and os.path.abspath(ranking) != os.path.abspath(os.path.join(args.out, "ranking.csv")):
+            shutil.copyfile(ranking, os.path.join(args.out, f"ranking.csv.tmp{os.getpid()}"))  # a copy beside the set
+            os.replace(os.path.join(args.out, f"ranking.csv.tmp{os.getpid()}"), os.path.join(args.out, "ranking.csv"))
+        run.record["ranking"] = {"path": os.path.abspath(ranking), "reused": ranking_reused}
         print(f"[rank {d.rank}] selected {args.ipc} {args.selection} images for {len(my_classes)} classes "
               f"(ranking: {ranking})")
 
-    # --- stage 2: EarlyLate recover (§1.3), class-contiguous batches, last iterate saved ---
+    # --- stage 2: EarlyLate recover (D:recover/recover.py get_images), class-contiguous batches, last iterate saved ---
     hook = common.BNStatsHook(teacher, first_bn_multiplier=args.first_bn_multiplier)
     complete = {c for c in my_classes if run.class_complete(c, args.ipc)}
     todo = [b for b in mine if not all(c in complete for c, _ in batches[b])]
@@ -593,7 +611,7 @@ def main(argv=None):
                 "before": mean_of(s["objective_views_before"] for s in bstats),
                 "after": mean_of(s["objective_views_after"] for s in bstats)},
             "diversity": {"metric": "within-class mean pairwise cosine similarity of the teacher's penultimate "
-                                    "features (spec §5.4; lower = more diverse)",
+                                    "features (D:imgs/diversity_comparison.png; lower = more diverse)",
                           "initial_mean": div_i, "final_mean": div_f,
                           "initial_per_class": [s["diversity_initial"] for s in cstats],
                           "final_per_class": [s["diversity_final"] for s in cstats]},
@@ -602,7 +620,7 @@ def main(argv=None):
                    "diversity_final": div_f}
     run.finish(device=d.device, **summary)
 
-    # --- stage 4: evaluation with DELT's protocol (§3.2): RDED online soft labels + RandAugment ---
+    # --- stage 4: evaluation with DELT's protocol (D:evaluation/argument.py): RDED online soft labels + RandAugment ---
     result = None
     if args.eval:
         import validate_fkd

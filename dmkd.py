@@ -2,28 +2,28 @@
 
 Paper: "Is Synthetic Data From Diffusion Models Ready for Knowledge Distillation?", Zheng Li, Yuxuan Li,
 Penghai Zhao, Renjie Song, Xiang Li, Jian Yang, arXiv 2305.12954 (2023).
-Official code: https://github.com/zhengli97/DM-KD (AIGC_generate.py, train_student.py); spec:
-shared/specs/infer_dmkd.md §3.
+Official code: https://github.com/zhengli97/DM-KD (AIGC_generate.py, train_student.py), read at commit
+bbab9ce; cited as DMKD = zhengli97/DM-KD@bbab9ce. Full notes (matches/differs table, figures): docs/dmkd.md.
 
 Stage 1 samples `--ipc` images per class from DiT-XL/2 (class ids = the ImageNet ids of the dataset's
 classes), stage 2 trains a student from scratch on those images only, with the teacher's soft labels
 computed online (KL * T^2), and reports its top-1 on the real validation set.
 
-    # digits (the embedded data set), both stages, with a local DiT folder (tests/tiny_models.build_tiny_dit
-    # makes a random one whose images are noise: the student stays at chance; a real DiT folder works the same)
-    python dmkd.py --model /tmp/tiny-dit --steps 4 --out runs/dmkd_digits
+    # digits (the embedded data set), both stages, with a local DiT folder (`uv run python -m tests.tiny_models
+    # /tmp/tiny` makes a random one whose images are noise: the student stays at chance; a real one works the same)
+    uv run python dmkd.py --model /tmp/tiny/dit --steps 4 --out runs/dmkd_digits
     #   -> "dmkd digits: 200 images -> student conv3 top-1 best 9.72 last 9.72 (teacher conv3 98.61)"
     # digits KD through any image folder: 200 blends of two training digits in arbitrary folders
-    python dmkd.py --syn-data-path runs/digit_blends --out runs/dmkd_digits_blends
+    uv run python dmkd.py --syn-data-path runs/digit_blends --out runs/dmkd_digits_blends
     #   -> "dmkd digits: 200 images -> student conv3 top-1 best 97.22 last 96.94 (teacher conv3 98.61)"
     # ImageNet-1K, the released setting (200 images/class, s=2, T=100; RN-18 -> RN-18, 100 epochs)
-    torchrun --nproc_per_node 8 dmkd.py --dataset imagenet --data-path $IMAGENET --ipc 200 --fidelity low \
+    uv run torchrun --nproc_per_node 8 dmkd.py --dataset imagenet --data-path $IMAGENET --ipc 200 --fidelity low \
         --out runs/dmkd_imagenet_200k
 
 Deliberate differences from the official code (all on purpose):
 - Sampler. AIGC_generate.py runs DiT's own code; we load the diffusers `DiTPipeline` (from_pretrained)
   and step its parts in a short loop (`sample_dit`) so that latents and noise can be passed per image.
-  Known differences from the official sampler (spec §3.1) and what we do about them:
+  Known differences from the official sampler (DMKD:AIGC_generate.py) and what we do about them:
   1. CFG channels: DiT guides only the first 3 of the 4 latent channels, diffusers all 4. Default
      `--cfg-channels 3` (official); 4 gives diffusers' behaviour.
   2. Variance: DiT samples ancestrally with its learned variance; DiTPipeline drops it and steps the
@@ -42,7 +42,7 @@ Deliberate differences from the official code (all on purpose):
   ImageNet instead of 256 PNGs; training uses RandomResizedCrop(224) either way); resumable per class
   (the official skip-check never matches), sharded over ranks under torchrun.
 - Classes outside ImageNet: the official CIFAR-100 run trains on DiT ImageNet-class images resized to
-  32 px (labels unused by KD, spec §3.1); there is no CIFAR->ImageNet map. We require `--class-map FILE`
+  32 px (labels unused by KD, DMKD:dataset/cifar100.py:81-94); there is no CIFAR->ImageNet map. We require `--class-map FILE`
   for CIFAR (or `--class-map spread`, which deals the 1000 ImageNet classes round-robin over the
   dataset's classes: the official route). digits defaults to `spread` (no ImageNet class is a digit).
 - KD: the official KL*T^2 with alpha 1 (the CE term is dead code there), SGD + step milestones, optional
@@ -83,7 +83,7 @@ PRESETS = {
     "imagenet100": dict(_IMAGENET_KD, ipc=200, student="resnet50"),
     "imagenette": dict(_IMAGENET_KD, ipc=200),
     "imagewoof": dict(_IMAGENET_KD, ipc=200),
-    "cifar100": dict(_CIFAR_KD, ipc=500),        # '50k' data option; CIFAR amount UNVERIFIED (spec §3.1)
+    "cifar100": dict(_CIFAR_KD, ipc=500),        # '50k' data option; CIFAR amount UNVERIFIED (DMKD:AIGC_generate.py, DMKD:dataset/cifar100.py:81-94)
     "cifar10": dict(_CIFAR_KD, ipc=5000),        # not published: our choice, 50K as for CIFAR-100
     "tiny": dict(_CIFAR_KD, ipc=250),            # not in the paper: our choice, CIFAR recipe at 64 px
     # not published: our choice, small enough for CPU minutes; lr 0.02 as the official small students
@@ -150,6 +150,10 @@ def parse_args(argv=None):
     k.add_argument("--std", type=float, nargs=3, default=None, help="input normalisation std (CIFAR-100: "
                    "(0.2675, 0.2565, 0.2761))")
     k.add_argument("--eval-protocol", default="rded", help="validate_fkd protocol for --eval")
+    common.document_defaults(p, PRESETS, DEFAULTS, (
+        "ImageNet from zhengli97/DM-KD@bbab9ce (AIGC_generate.py, scripts/imagenet_distill.sh); CIFAR from its "
+        "train_student.py argparse defaults; other datasets and digits: not published, our choice. The "
+        "source of each value is the comment beside it in PRESETS in dmkd.py."))
     args = p.parse_args(argv)
     lr_given = args.lr is not None
     common.apply_presets(args, PRESETS, DEFAULTS)
@@ -184,7 +188,7 @@ def imagenet_wnids():
 
 
 def spread_map(num_classes, num_model_classes=1000):
-    """The official route outside ImageNet (spec §3.1): DiT images of all ImageNet classes, dealt
+    """The official route outside ImageNet (DMKD:AIGC_generate.py, DMKD:dataset/cifar100.py:81-94): DiT images of all ImageNet classes, dealt
     round-robin over the dataset's classes (class c gets ids c, c+C, c+2C, ...). KD never reads them."""
     return [list(range(c, num_model_classes, num_classes)) for c in range(num_classes)]
 

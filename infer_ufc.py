@@ -4,7 +4,8 @@ Paper: "Breaking Class Barriers: Efficient Dataset Distillation via Inter-Class 
 (INFER), X. Zhang, J. Du, P. Liu, J. T. Zhou. ICLR 2025, arXiv 2408.06927.
 Official code: https://github.com/zhangxin-xd/UFC (@83d19f8). Optional DWA weight adjustment from
 https://github.com/AngusDujw/Diversity-Driven-Synthesis (@c5b125f, NeurIPS 2024, arXiv 2409.17612).
-Spec: shared/specs/infer_dmkd.md §0-2, §4-5.
+Citations: UFC = zhangxin-xd/UFC@83d19f8, DWA = AngusDujw/Diversity-Driven-Synthesis@c5b125f, as
+`UFC:path:line`. Full notes (stages, presets, matches/differs table, digits figures): docs/infer_ufc.md.
 
 Idea (Sec. 3): a budget of IPC images per class buys K = floor(IPC*C/(C+M)) real images per class
 plus K*M UFCs u_{k,m}: one image-shaped tensor each, added to ALL C real images of set k and
@@ -12,25 +13,25 @@ optimised against teacher m alone, so one stored "image" makes C new training im
 written as K*(M+1) images per class, plus the compact form the budget counts (ufc.pt + the K real
 files) and the teachers' mean logits per image (soft_labels.pt) for static labelling.
 
-  python infer_ufc.py                      # digits, IPC 10, teachers conv3+conv4+conv5 (each trained
+  uv run python infer_ufc.py               # digits, IPC 10, teachers conv3+conv4+conv5 (each trained
                                            # on first use in ~1 min): K=7, 28 files/class, 21 UFCs;
-                                           # ~75 s of CPU time (9.5 min wall on a box shared by 6 jobs)
-  python infer_ufc.py --ipc 50 --eval --eval-protocol dynamic --baseline random
-  python infer_ufc.py --dataset cifar100 --data-path data/cifar --ipc 10 --teacher-path \\
+                                           # ~75 s of CPU time with OMP_NUM_THREADS=1 (to be re-measured)
+  uv run python infer_ufc.py --ipc 50 --eval --eval-protocol dynamic --baseline random
+  uv run python infer_ufc.py --dataset cifar100 --data-path data/cifar --ipc 10 --teacher-path \\
       ckpt/r18.pth,ckpt/mbv2.pth,ckpt/effb0.pth,ckpt/shuffle.pth --eval
-  torchrun --nproc_per_node 8 infer_ufc.py --dataset imagenet --data-path /data/imagenet --ipc 50
+  uv run torchrun --nproc_per_node 8 infer_ufc.py --dataset imagenet --data-path /data/imagenet --ipc 50
 
 The digits run prints the budget arithmetic, one line per UFC (loss first -> last), and ends with
 "infer_ufc: digits IPC 10 -> K=7, 28 files/class, 280 images, 21 UFCs (91/100 image-equivalents);
 loss 15.964 -> 2.677; UFC stage ...s; compact 337 KB vs written 516 KB -> runs/infer_ufc_digits_ipc10".
 
-Deliberate deviations from the official code (each one a bug or a trap of §5.1):
-- one script for every dataset; the teachers are loaded once, not reloaded for every ipc_id (§5.1.6);
+Deliberate deviations from the official code (each one a bug or a trap of the official code; docs/infer_ufc.md):
+- one script for every dataset; the teachers are loaded once, not reloaded for every ipc_id (UFC:ufc_generation/ufc_cifar.py);
 - the batch is always all C classes (the official --batch-size breaks CIFAR-100 and the budget);
   for many classes --class-chunk accumulates gradients over chunks, so u still sees all C: the CE term
   is exact, the BN term is the mean of the per-chunk BN losses (an approximation of the full batch);
-- the BN loss sums the hooks that fired (UFC drops one EfficientNet hook by hand, §1.4);
-- the saved composite uses the final u (official: u before the last Adam step, §1.4); files are
+- the BN loss sums the hooks that fired (UFC drops one EfficientNet hook by hand);
+- the saved composite uses the final u (official: u before the last Adam step); files are
   lossless PNG with rounding by default (official: JPEG q75 of truncated pixels: --format jpg);
 - the real init images are sampled here with a seeded generator (official: Google-Drive tensors),
   quantised to 8 bits first so that the saved real files ARE the init images;
@@ -38,7 +39,7 @@ Deliberate deviations from the official code (each one a bug or a trap of §5.1)
   by every evaluation run); K uses exact integer arithmetic (official: float division);
 - ImageNet: the released ufc_imgnet.py cannot run (args.init, input_original, no imagenet branch in
   clip_image); this follows the CIFAR index mapping and its own documented augmentation;
-- no wandb; DWA weight adjustment (§1.7) is an option, off by default, as INFER does not use it.
+- no wandb; DWA weight adjustment (DWA:distillation/perterb.py:19-32) is an option, off by default, as INFER does not use it.
 """
 import argparse
 import copy
@@ -49,19 +50,21 @@ import time
 
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.v2 as T
 from PIL import Image
 from tqdm import tqdm
 
 import common
+
+T = common.lazy_module("torchvision.transforms.v2")  # imported on first use: --help stays fast
+TF = common.lazy_module("torchvision.transforms.v2.functional")
 
 # INFER/DWA normalise CIFAR-100 with its own statistics (UFC utils.py, DWA squeeze_cifar100.py);
 # common.py uses the CIFAR-10 constants for CIFAR-100 like SRe2L/RDED. The teachers must see what
 # they were trained on, so --teacher-norm infer (the CIFAR-100 preset) switches to these.
 INFER_NORM = {"cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761))}
 
-CIFAR_TEACHERS = "resnet18_modified,mobilenet_v2_cifar,efficientnet_b0_cifar,shufflenet_g2"  # §1.2, ufc_cifar.py:136-185
-IMAGENET_TEACHERS = "resnet18,mobilenet_v2,efficientnet_b0"  # §1.2, ufc_imgnet.py:208-225
+CIFAR_TEACHERS = "resnet18_modified,mobilenet_v2_cifar,efficientnet_b0_cifar,shufflenet_g2"  # UFC:ufc_generation/ufc_cifar.py:136-185
+IMAGENET_TEACHERS = "resnet18,mobilenet_v2,efficientnet_b0"  # UFC:ufc_generation/ufc_imgnet.py:208-225
 PRESETS = {
     # not published: our choice. Three cheap ConvNets (conv3 ~60 ms, conv4 ~65 ms, conv5 ~70 ms per
     # 10-image step on one core; shufflenet_g2 ~145, mobilenet_v2_cifar ~275) give M=3 different
@@ -71,7 +74,7 @@ PRESETS = {
     "cifar10": dict(teacher=CIFAR_TEACHERS, iterations=1000, lr=0.25, r_bn=1.0, augment="roll", jitter=4),
     "cifar100": dict(teacher=CIFAR_TEACHERS, iterations=1000, lr=0.25, r_bn=1.0, augment="roll", jitter=4,
                      teacher_norm="infer"),
-    # not published (no Tiny script, §1.2): CIFAR teachers at 64 px and CIFAR settings, M=4 assumed
+    # not published (no Tiny script in UFC@83d19f8): CIFAR teachers at 64 px and CIFAR settings, M=4 assumed
     "tiny": dict(teacher=CIFAR_TEACHERS, iterations=1000, lr=0.25, r_bn=1.0, augment="roll", jitter=4),
     # README: T 2000, lr 0.25, r_bn 0.01; batch-shared RandomResizedCrop + flip + roll 32 (ufc_imgnet.py:92-102);
     # class chunk 250: not published, our choice to fit 1000 classes at 224 px in ~40 GB
@@ -86,12 +89,12 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_generic_args(p, ipc=10)
-    g = p.add_argument_group("teachers (§1.2)")
+    g = p.add_argument_group("teachers (UFC:ufc_generation/ufc_cifar.py:136-185)")
     g.add_argument("--teacher", default=None, help="comma list of the M teacher architectures (common.ARCHS)")
     g.add_argument("--teacher-path", default=None, help="comma list of teacher checkpoints, one per --teacher")
     g.add_argument("--teacher-norm", default=None, choices=("dataset", "infer"),
                    help="normalisation the teachers expect: common.py's or INFER's own CIFAR-100 statistics")
-    g = p.add_argument_group("UFC optimisation (§1.4-1.5)")
+    g = p.add_argument_group("UFC optimisation (UFC:ufc_generation/ufc_cifar.py)")
     g.add_argument("--iterations", type=int, default=None, help="Adam steps per UFC (T)")
     g.add_argument("--lr", type=float, default=None, help="Adam learning rate of u (cosine to 0, no warm-up)")
     g.add_argument("--r-bn", type=float, default=None, help="weight of the BN-statistics loss")
@@ -104,23 +107,27 @@ def build_parser():
     common.add_precision_arg(g)
     g.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
                    help="run the UFC step eagerly on CUDA instead of as one CUDA graph (same maths)")
-    g = p.add_argument_group("DWA directed weight adjustment (§1.7; off by default, not part of INFER)")
+    g = p.add_argument_group("DWA directed weight adjustment (DWA:distillation/perterb.py:19-32; off by default, not part of INFER)")
     g.add_argument("--dwa-steps", type=int, default=None, help="K_s normalised gradient-ascent steps on the teacher")
     g.add_argument("--rho", type=float, default=None, help="total length of the weight perturbation")
     g.add_argument("--r-var", type=float, default=None, help="weight of the variance term of the BN loss")
-    g = p.add_argument_group("evaluation (validate_fkd.py, §2)")
+    g = p.add_argument_group("evaluation (validate_fkd.py, UFC:ufc_validation/val_static.py)")
     g.add_argument("--eval-protocol", default="static", choices=("static", "dynamic"),
-                   help="static: stored soft labels (§2.2); dynamic: the teacher ensemble online (§2.3)")
+                   help="static: stored soft labels (UFC:ufc_validation/val_static.py:200-222); dynamic: the teacher "
+                        "ensemble online (UFC:ufc_validation/val_dyn.py:243-260)")
     g.add_argument("--eval-epochs", type=int, default=None,
-                   help="student epochs (default: validate_fkd's static preset; /(M+1) for dynamic, §2.3)")
+                   help="student epochs (default: validate_fkd's static preset; /(M+1) for dynamic, UFC:ufc_validation/val_dyn.py:243-260)")
     g.add_argument("--eval-repeats", type=int, default=1, help="students per set (mean ± std)")
     g.add_argument("--baseline", default="none", choices=("none", "random"),
                    help="also evaluate random real images at the nominal IPC (same image-equivalent budget)")
-    return p
+    return common.document_defaults(p, PRESETS, DEFAULTS, (
+        "CIFAR-10/100 from zhangxin-xd/UFC@83d19f8:sh/ufc_cifar.sh and ufc_generation/ufc_cifar.py, ImageNet "
+        "from the UFC README and ufc_generation/ufc_imgnet.py; Tiny and digits: not published, our choice. "
+        "The source of each value is the comment beside it in PRESETS in infer_ufc.py."))
 
 
 # ----------------------------------------------------------------------------------------------
-# budget (§1.1)
+# budget (UFC:ufc_generation/ufc_cifar.py:198)
 # ----------------------------------------------------------------------------------------------
 def ufc_budget(ipc, num_classes, num_teachers):
     """K real sets and K*M UFCs within IPC*C image-equivalents ("averaging UFC", ufc_cifar.py:251-253)."""
@@ -137,7 +144,7 @@ def ufc_ids(K, M):
 
 
 # ----------------------------------------------------------------------------------------------
-# init: K seeded real sets, one training image per class each (§1.3)
+# init: K seeded real sets, one training image per class each (UFC:ufc_generation/ufc_cifar.py:48)
 # ----------------------------------------------------------------------------------------------
 def sample_real_sets(dataset, data_path, K, seed, size, workers=0):
     """Returns real [K, C, 3, H, W] as uint8 (8 bits: the saved real file IS the init image; 4x less
@@ -152,7 +159,7 @@ def sample_real_sets(dataset, data_path, K, seed, size, workers=0):
 
 
 def compose(real, ufc, mean, std):
-    """Saved composite = clamp(denorm(x + u), 0, 1) with x the normalised real image (clip_image, §1.4).
+    """Saved composite = clamp(denorm(x + u), 0, 1) with x the normalised real image (clip_image, UFC:ufc_generation/ufc_cifar.py).
     Used by generation and by rebuild_set, so the compact form reproduces the files exactly."""
     return common.denormalize(common.normalize(real, mean, std) + ufc, mean, std).clamp(0, 1)
 
@@ -168,7 +175,7 @@ def rebuild_set(compact, real):
 
 
 # ----------------------------------------------------------------------------------------------
-# the UFC optimisation (§1.4) and its batch-shared augmentation (§1.5)
+# the UFC optimisation (UFC:ufc_generation/ufc_cifar.py) and its batch-shared augmentation (UFC:ufc_generation/ufc_cifar.py:64-65)
 # ----------------------------------------------------------------------------------------------
 def random_resized_box(size, g, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
     """torchvision's RandomResizedCrop box, drawn from generator g."""
@@ -182,7 +189,7 @@ def random_resized_box(size, g, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
 
 
 def draw_view(kind, size, jitter, g):
-    """ONE view for the whole batch (§1.5): a non-negative roll by (0..jitter, 0..jitter), and on
+    """ONE view for the whole batch (UFC:ufc_generation/ufc_cifar.py:64-65): a non-negative roll by (0..jitter, 0..jitter), and on
     ImageNet first one RandomResizedCrop box and one flip decision."""
     view = {"roll": tuple(int(s) for s in torch.randint(0, jitter + 1, (2,), generator=g))}
     if kind == "crop":
@@ -192,7 +199,7 @@ def draw_view(kind, size, jitter, g):
 
 
 def dwa_adjust(teacher, x, y, steps, rho, jitter, chunk):
-    """DWA (§1.7, perterb.py:19-32): a copy of the teacher moved `steps` times by (rho/steps) * g/||g||,
+    """DWA (DWA:distillation/perterb.py:19-32): a copy of the teacher moved `steps` times by (rho/steps) * g/||g||,
     g = grad of the CE of the jittered real set (normalised gradient ASCENT), eval mode kept. The
     original stays untouched (DWA reloads it from disk for every batch)."""
     model = copy.deepcopy(teacher)
@@ -203,7 +210,7 @@ def dwa_adjust(teacher, x, y, steps, rho, jitter, chunk):
     x = torch.roll(x, shifts=off, dims=(2, 3))  # one jitter, reused by every step
     for _ in range(steps):
         grads = [torch.zeros_like(p) for p in params]
-        for lo in range(0, len(y), chunk):  # the whole set's gradient (DWA chunks perturb repeatedly: §5.2)
+        for lo in range(0, len(y), chunk):  # the whole set's gradient (DWA chunks perturb repeatedly: DWA:validation/validation_cifar.py:152-158)
             loss = F.cross_entropy(model(x[lo:lo + chunk]).float(), y[lo:lo + chunk], reduction="sum") / len(y)
             for a, b in zip(grads, torch.autograd.grad(loss, params)):
                 a += b
@@ -302,7 +309,7 @@ def folder_bytes(paths):
 
 
 def main(argv=None):
-    # --- stage 0: flags, presets and the budget (§1.1): every user error before any output ---
+    # --- stage 0: flags, presets and the budget (UFC:ufc_generation/ufc_cifar.py:198): every user error before any output ---
     args = build_parser().parse_args(argv)
     common.apply_presets(args, PRESETS, DEFAULTS)
     info = common.dataset_info(args.dataset)
@@ -322,19 +329,19 @@ def main(argv=None):
     d = common.dist_setup(args.device)
     common.seed_everything(args.seed)
     log = print if d.main else (lambda *a, **k: None)
-    log(f"budget (§1.1): IPC {args.ipc} x {C} classes = {b['budget']} image-equivalents; M = {M} teachers -> "
+    log(f"budget: IPC {args.ipc} x {C} classes = {b['budget']} image-equivalents; M = {M} teachers -> "
         f"K = floor({args.ipc}*{C}/({C}+{M})) = {K} real sets; files per class K*(M+1) = {b['files_per_class']}; "
         f"compensators K*M = {b['ufcs']}; stored image-equivalents K*C + K*M = {K * C} + {b['ufcs']} = "
         f"{b['image_equivalents']} <= {b['budget']}")
 
-    # --- stage 1: the M teachers (§1.2), loaded once ---
+    # --- stage 1: the M teachers (UFC:ufc_generation/ufc_cifar.py:136-185), loaded once ---
     teachers = [common.load_teacher(a, args.dataset, p, args.data_path, device=d.device) for a, p in zip(archs, paths)]
     if str(d.device).startswith("cuda"):
         teachers = [t.to(memory_format=torch.channels_last) for t in teachers]
     if args.dwa_steps == 0:  # bf16 weights once, not per forward (DWA moves fp32 copies: cast after it)
         teachers = [common.cast_teacher(t, args.precision, d.device) for t in teachers]
 
-    # --- stage 2: K real init sets, one training image per class each (§1.3) ---
+    # --- stage 2: K real init sets, one training image per class each (UFC:ufc_generation/ufc_cifar.py:48) ---
     classes = common.class_list(args.dataset, args.data_path)
     real, real_index = sample_real_sets(args.dataset, args.data_path, K, args.seed, info.size,
                                         0 if args.dataset == "digits" else args.workers)
@@ -343,7 +350,7 @@ def main(argv=None):
                         ignore=("baseline", "cuda_graph"))
     run.record.update({"budget": b, "teachers": archs, "teacher_norm": {"mean": mean, "std": std}})
 
-    # --- stage 3: the K*M UFCs, each against ONE teacher (§1.4-1.5, §1.7), sharded over ranks ---
+    # --- stage 3: the K*M UFCs, each against ONE teacher (UFC:ufc_generation/ufc_cifar.py, DWA:distillation/perterb.py:19-32), sharded over ranks ---
     done = finished_ufcs(args.out)
     todo = [(k, m) for m in range(M) for k in range(K) if (k, m) not in done]
     mine = common.shard(todo, d.rank, d.world)
@@ -389,7 +396,7 @@ def main(argv=None):
             run.write_class(c, rebuild_set(compact, real[:, c:c + 1].float() / 255)[0], names)
     common.barrier()
 
-    # --- stage 5: static soft labels on the written files (§2.2), ImageFolder order ---
+    # --- stage 5: static soft labels on the written files (UFC:ufc_validation/val_static.py:200-222), ImageFolder order ---
     labels_path = os.path.join(args.out, "soft_labels.pt")
     if d.main and not os.path.isfile(labels_path):
         with run.stage("soft_labels", items=C * len(ids)):
@@ -416,7 +423,7 @@ def main(argv=None):
         f"{summary['loss_last']:.3f}; UFC stage {run.record['stages']['ufc']['seconds']:.0f}s; compact "
         f"{storage['compact_bytes'] / 1024:.0f} KB vs written {storage['written_images_bytes'] / 1024:.0f} KB -> {args.out}")
 
-    # --- stage 6: evaluation with validate_fkd.py (§2.2 static, §2.3 dynamic) ---
+    # --- stage 6: evaluation with validate_fkd.py (UFC:ufc_validation/val_static.py, val_dyn.py) ---
     if args.eval:
         import validate_fkd
         common_flags = ["--syn-data-path", args.out, "--dataset", args.dataset, "--protocol", "static",

@@ -1,19 +1,25 @@
 """validate_fkd.py: one validator for every distilled set, four label protocols.
 
 A student is trained from scratch on a distilled set (any ImageFolder-layout folder, normally the
-collection's on-disk contract) and tested on the dataset's real validation split. The protocol fixes
-where the student's targets come from and the recipe around them:
+on-disk contract of README.md) and tested on the dataset's real validation split. The
+protocol fixes where the student's targets come from and the recipe around them:
 
   rded    teacher soft labels computed online on every augmented, cutmixed batch; KL at T=20, no T^2,
-          AdamW, RDED's quarter cosine, ImageNet statistics (LINs-lab/RDED@3f6453d:validation/main.py;
-          DELT and VLCP evaluate with it)
+          AdamW, RDED's quarter cosine, ImageNet statistics (R:validation/main.py, D:evaluation/argument.py;
+          DELT and VLCP evaluate with it: VLCP:04_evaluation/RDED/)
   fkd     soft labels stored once per (epoch, batch) with crop boxes, flips and mix parameters, replayed
-          exactly (SRe2L relabel, D4M training-time matching: suduo94/D4M@da35d10:validate/train_FKD.py)
-  static  one soft label per image (the teachers' mean logits), interpolated linearly under mixup; KL at
-          T=30 (INFER's val_static.py); `--label-mode teacher` is INFER's dynamic labels
+          exactly (S:SRe2L/relabel/generate_soft_label.py, D4M:matching/utils_fkd.py:L199-237)
+  static  one soft label per image (the teachers' mean logits), interpolated linearly under mixup;
+          KL at T=30 (UFC:ufc_validation/val_static.py:200-222); `--label-mode teacher` is INFER's dynamic
+          (UFC:ufc_validation/val_dyn.py:243-260)
   hard    cross-entropy on the class labels with cutmix, SGD, step decay, tested on Resize(s)+CenterCrop(s)
-          (Minimax's train.py, VLCP's ImageNette/Woof/IDC evaluation). This is not DD-Ranking's hard-label
-          evaluation (ConvNet with instance norm, DSA, SGD, 1000 epochs, batch 256, a learning-rate search)
+          (VLCP:04_evaluation/Minimax/train.py; VLCP's ImageNette/Woof/IDC evaluation). This is not
+          DD-Ranking's hard-label evaluation (ConvNet with instance norm, DSA, SGD, 1000 epochs, batch 256,
+          a learning-rate search)
+
+Citations: D = VILA-Lab/DELT@f2f81ca, R = LINs-lab/RDED@3f6453d, S = VILA-Lab/SRe2L@8d00cba,
+D4M = suduo94/D4M@da35d10, UFC = zhangxin-xd/UFC@83d19f8,
+VLCP = zou-yawen/Dataset-Distillation-via-Vision-Language-Category-Prototype@d0060eb4. Full notes: docs/validate.md.
 
 A set gets its own paper's evaluation: `--preset auto` reads the method that made it from its run.json
 and applies that method's official scripts' values (METHOD_PRESETS; e.g. VLCP's RDED runs 500 epochs,
@@ -57,7 +63,7 @@ PROTOCOL_LABELS = {"rded": "teacher", "fkd": "fkd", "static": "static", "hard": 
 
 # Per-protocol recipe; per-dataset changes in DATASET_PRESETS, per-method ones in METHOD_PRESETS. Every value is a flag.
 PROTOCOLS = {
-    "rded": dict(  # RDED validation (LINs-lab/RDED@3f6453d:validation/main.py, argument.py; scripts/*.sh --re-epochs 300)
+    "rded": dict(  # RDED validation (R:validation/main.py, R:argument.py; R:scripts/*.sh --re-epochs 300), D:evaluation/argument.py
         temperature=20.0, t_squared=False, mix="cutmix", alpha=1.0, optimizer="adamw", weight_decay=0.01,
         schedule="quarter", epochs=300, crop="rrc", factor=1, eval_every=10, eval_from=0.8, flip=True,
         norm="imagenet",  # ImageNet statistics for teacher and student on every dataset (validation/main.py:111)
@@ -136,7 +142,7 @@ DDRANKING_DATASETS = {"cifar10": ("CIFAR10", common.CIFAR_MEAN, common.CIFAR_STD
 
 
 def rded_batch_size(ipc, num_classes, dataset, student):
-    """RDED/DELT batch rule (§3.1-3.2): IPC>=30 -> 100, IPC>=10 -> 50, else 10; x2 for 100 or 1000
+    """RDED/DELT batch rule (R:argument.py): IPC>=30 -> 100, IPC>=10 -> 50, else 10; x2 for 100 or 1000
     classes; /2 for resnet101 on ImageNet-1K/100; capped at IPC*C."""
     bs = 100 if ipc >= 30 else 50 if ipc >= 10 else 10
     if num_classes in (100, 1000):
@@ -234,7 +240,14 @@ def build_parser():
                    help="where training views are made: per image in loader processes, or batched on the training "
                         "device from a uint8 copy of the set (same distributions); auto = device on CUDA unless "
                         "RandAugment, ColorJitter or Lighting is on (those stay in the loader)")
-    return p
+    return common.document_defaults(p, sources=(
+        "each --protocol is a recipe (PROTOCOLS in validate_fkd.py): rded from LINs-lab/RDED@3f6453d:"
+        "argument.py and validation/main.py (+ VILA-Lab/DELT@f2f81ca:evaluation/argument.py), fkd from "
+        "VILA-Lab/SRe2L@8d00cba:SRe2L/validate/train_FKD.sh and suduo94/D4M@da35d10:validate/train_FKD.sh, static "
+        "from zhangxin-xd/UFC@83d19f8:val_static.py, hard from zou-yawen/Dataset-Distillation-via-Vision-"
+        "Language-Category-Prototype@d0060eb4:04_evaluation/Minimax/train.py; per-dataset changes in "
+        "DATASET_PRESETS (digits: our choice, about a minute per student on 2 CPU cores). A flag given "
+        "explicitly beats the recipe."))
 
 
 def set_record(folder):
@@ -369,7 +382,7 @@ def load_teachers(args, device):
 
 @torch.no_grad()
 def ensemble_logits(teacher, images, args, device):
-    """Static labels: the teachers' mean logits on each unaugmented image (INFER §2.2)."""
+    """Static labels: the teachers' mean logits on each unaugmented image (UFC:ufc_validation/val_static.py:200-222)."""
     out = []
     for x in images.split(256):
         x = common.normalize(x.float().to(device) / 255, args.mean, args.std)
@@ -796,11 +809,11 @@ def main(argv=None):
         common.atomic_write_json(out, record)
         what = "distilled" if folder else "random real"
         line = (f"result: {args.dataset} protocol {args.protocol} ({args.label_mode} labels) student {args.student} "
-                f"ipc {ipc} {what}: best {record['best_mean']:.2f} ± {record['best_std']:.2f}, last "
+                f"{ipc} images/class {what}: best {record['best_mean']:.2f} ± {record['best_std']:.2f}, last "
                 f"{record['last_mean']:.2f} ± {record['last_std']:.2f} over {args.repeats} run(s)")
         if "baseline" in record:
             b = record["baseline"]
-            line += (f"; random real: best {b['best_mean']:.2f} ± {b['best_std']:.2f}, last {b['last_mean']:.2f} ± "
+            line += (f"; random real ({args.baseline_ipc or ipc} images/class): best {b['best_mean']:.2f} ± {b['best_std']:.2f}, last {b['last_mean']:.2f} ± "
                      f"{b['last_std']:.2f} (improvement {record['improvement_over_random']:+.2f})")
         print(line)
         m = record.get("metrics")

@@ -1,6 +1,7 @@
 """VLCP: Dataset Distillation via Vision-Language Category Prototype (ICCV 2025), arXiv 2506.23580.
 Official code: https://github.com/zou-yawen/Dataset-Distillation-via-Vision-Language-Category-Prototype
-(spec: shared/specs/d4m_vlcp.md §1, §3; commit d0060eb4).
+read at commit d0060eb4; cited as VLCP:path:line. Full notes (stages, presets, matches/differs table):
+docs/vlcp.md.
 
 Pipeline, one file, every stage resumable (rerun the same command):
   1. captions      LLaVA-1.5 describes every training image, asked about its class (Sec. 3.1)
@@ -10,24 +11,27 @@ Pipeline, one file, every stage resumable (rerun the same command):
   5. synthesis     img2img from each image prototype, conditioned on its text prototype (Sec. 3.5)
   6. --eval        validate_fkd.py with the Minimax (`hard`) or RDED (`rded`) protocol (Sec. 3.6/3.7)
 
-Run (digits first; needs local model folders, or the hub ids with network access):
-  python vlcp.py --dataset digits --ipc 10 --out runs/vlcp_digits --model /models/sd15 \
-      --captioner /models/llava-1.5-7b-hf --max-per-class 50
+Run (digits first, no weights: the tiny random SD and LLaVA of `uv run python -m tests.tiny_models /tmp/tiny`,
+whose images are noise; real folders or hub ids give the real method):
+  uv run python vlcp.py --dataset digits --ipc 10 --out runs/vlcp_digits --model /tmp/tiny/sd \
+      --captioner /tmp/tiny/llava --max-per-class 20 --size 64 --ft-res 32 --caption-max-tokens 8 \
+      --finetune-epochs 1 --ft-batch-size 4 --grad-accum 1 --ft-max-steps 2 --steps 4
     prints one line per stage and ends with
     "vlcp digits ipc10: 100 images (32 px) in runs/vlcp_digits; ..."
-  torchrun --nproc_per_node 8 vlcp.py --dataset imagenette --data-path $NETTE --ipc 10 \
+  uv run torchrun --nproc_per_node 8 vlcp.py --dataset imagenette --data-path $NETTE --ipc 10 \
       --out runs/vlcp_nette_ipc10 --captions runs/nette/captions.jsonl --finetuned runs/nette/sd --eval
-  python vlcp.py --dataset imagenet --data-path $IMNET --ipc 10 --out runs/vlcp_in1k_ipc10 \
+  uv run python vlcp.py --dataset imagenet --data-path $IMNET --ipc 10 --out runs/vlcp_in1k_ipc10 \
       --captions metadata.jsonl --finetuned /models/vlcp-sd-in1k --finetune-epochs 0 --eval
     (reuses the authors' shared metadata.jsonl and fine-tuned model; --finetune-epochs 0 skips
     stage 2 and synthesises with --model, so point --model at the fine-tuned folder instead)
 
-Deliberate deviations from the official code (d4m_vlcp.md §4):
+Deliberate deviations from the official code (docs/vlcp.md gives the reason for each):
 - No nltk dependency: the text rule's tokens are those of nltk.word_tokenize kept by isalpha,
   reproduced by `words` (nltk 3.10's Treebank rules; punkt's abbreviation list is not modelled), and
   nltk's 179 English stop words are a fixed list in this file.
 - Stock StableDiffusionImg2ImgPipeline with the 4-channel prototype as `image` replaces the patched
-  diffusers pipelines (same maths, §1.3); the safety checker is off; every image has its own seeded
+  diffusers pipelines (same maths as
+  VLCP:02_diffusion_model_training/scripts/); the safety checker is off; every image has its own seeded
   generator, so batching does not change its noise.
 - Captions come from llava-hf through transformers (prompt of conv mode llava_v1, images padded to a
   square with the processor's mean colour as LLaVA's "pad" aspect mode does), seeded; texts are
@@ -52,9 +56,10 @@ from collections import Counter
 
 import numpy as np
 import torch
-from torchvision.transforms import v2 as T
 
 import common
+
+T = common.lazy_module("torchvision.transforms.v2")  # imported on first use: --help stays fast
 
 # --- flags ----------------------------------------------------------------------------------------
 PRESETS = {
@@ -136,6 +141,11 @@ def parse_args(argv=None):
     g.add_argument("--eval-repeats", type=int, default=None, help="override validate_fkd's repeats")
     g.add_argument("--eval-epochs", type=int, default=None, help="override validate_fkd's epochs")
     g.add_argument("--eval-teacher-path", default=None, help="rded: teacher checkpoint (CIFAR/Tiny: RDED's)")
+    common.document_defaults(p, PRESETS, DEFAULTS, (
+        "from the run_*.sh scripts of zou-yawen/Dataset-Distillation-via-Vision-Language-Category-Prototype@d0060eb4 "
+        "(CIFAR-10: run_cifar10.sh, ImageNette: run_nette.sh, ImageNet-1K: its evaluation folder names); "
+        "Woof/ImageNet-100/Tiny/digits: not published, our choice. The source of each value is the comment "
+        "beside it in PRESETS in vlcp.py."))
     return common.apply_presets(p.parse_args(argv), PRESETS, DEFAULTS)
 
 
@@ -177,7 +187,7 @@ def read_captions(path):
 def load_captions(path, keys):
     """read_captions, with each image key (class folder/file) also found under its bare file name: the
     official ImageWoof metadata keys captions by file name alone (gen_prototype.py looks Woof up by
-    basename, d4m_vlcp.md §3.4)."""
+    basename)."""
     caps = read_captions(path)
     for k in keys:
         if k not in caps and os.path.basename(k) in caps:
@@ -369,7 +379,8 @@ def shard_of(items, d):
 # --- stage 3 helpers: image prototypes --------------------------------------------------------------
 @torch.no_grad()
 def encode_latents(vae, ds, indices, args, generator, device):
-    """z = vae.encode(2x-1).latent_dist.sample() * scaling_factor on size x size squashed images (§1.2)."""
+    """z = vae.encode(2x-1).latent_dist.sample() * scaling_factor on size x size squashed images
+    (VLCP:03_distiilation/dataset_utils.py:L24-27)."""
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, indices), batch_size=args.encode_batch_size,
                                          num_workers=args.workers)
     out = []

@@ -37,7 +37,7 @@ def main():
     p.add_argument("--augment-on", default="both", choices=("loader", "device", "both"), help="where views are made")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     common.add_precision_arg(p)
-    args = p.parse_args()
+    args = common.document_defaults(p).parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = common.pick_device(args.device)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # D4M on CIFAR-10/100 and Tiny-ImageNet. The official repo has prompt files but no scripts, TTM or
-# evaluation for them (spec §2.6): we keep the ImageNet generation settings, write images at the
+# evaluation for them (suduo94/D4M@da35d10 ships ImageNet scripts only): we keep the ImageNet generation settings, write images at the
 # dataset's resolution (32/64 px; the official code writes 224 px) and store TTM labels from the teacher
 # checkpoint you pass (CIFAR: a ConvNet-W128 per the authors, issue #7; Tiny: resnet18_modified).
 # Set DATASET (cifar10|cifar100|tiny), DATA, TEACHER (checkpoint) and optionally TEACHER_ARCH, MODEL.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# INFER (UFC) on CIFAR-10/100, Table 1 settings (infer_dmkd.md §1.4, §2.2-2.3): T 1000, lr 0.25,
+# INFER (UFC) on CIFAR-10/100, Table 1 settings (zhangxin-xd/UFC@83d19f8:sh/ufc_cifar.sh): T 1000, lr 0.25,
 # r_bn 1.0, the four teachers of ufc_cifar.py; static labels 400 epochs, dynamic 400/(M+1) = 80.
 # Images are saved as ufc_cifar.py saves them: JPEG quality 75 of truncated pixels (--format jpg).
 # Set DATASET (cifar10|cifar100), DATA (CIFAR download folder) and CKPT (a folder holding the four

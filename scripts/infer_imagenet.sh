@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# INFER (UFC) on ImageNet-1k, Table 2 settings (infer_dmkd.md §1.4-1.5): torchvision resnet18,
+# INFER (UFC) on ImageNet-1k, Table 2 settings (zhangxin-xd/UFC@83d19f8:README.md, ufc_generation/ufc_imgnet.py): torchvision resnet18,
 # mobilenet_v2 and efficientnet_b0 teachers (IMAGENET1K_V1 weights), T 2000, lr 0.25, r_bn 0.01,
 # batch-shared crop + flip + roll 32; the 9*3 (IPC 10) or 49*3 (IPC 50) UFCs are sharded over GPUs.
 # Images are saved as the official code saves them: JPEG quality 75 of truncated pixels (--format jpg).

@@ -1,7 +1,8 @@
 """d4m.py on digits with the tiny Stable Diffusion fixture (64 px images <-> 4x8x8 latents).
 
 One CLI run (module fixture) makes the whole pipeline's output; the tests check it against reference
-computations written here: VAE latents, sklearn k-means, one-image-per-call img2img, FKD label replay."""
+computations written here: VAE latents, sklearn k-means, one-image-per-call img2img, FKD label replay.
+Citations: D4M = suduo94/D4M@da35d10."""
 import json
 import os
 import shutil
@@ -46,7 +47,7 @@ def test_on_disk_contract(d4m_run):
 
 
 def test_latents_are_seeded_vae_samples(d4m_run):
-    """§1.2: z = vae.encode(2x-1).latent_dist.sample(g) * scaling_factor on the 64 px squash."""
+    """D4M:distillation/dataset_utils.py:L18-21: z = vae.encode(2x-1).latent_dist.sample(g) * scaling_factor on the 64 px squash."""
     from diffusers import AutoencoderKL
     from torchvision.transforms import v2 as T
     import d4m
@@ -65,8 +66,8 @@ def test_latents_are_seeded_vae_samples(d4m_run):
 
 
 def test_prototypes_equal_sklearn_minibatch_kmeans(d4m_run):
-    """§2.2: MiniBatchKMeans(n_clusters=P, random_state=0, batch_size=km_expand*P, n_init="auto").partial_fit
-    over buffers of km_expand*P latents, the last partial buffer flushed (official bug §4.1 fixed)."""
+    """D4M:distillation/gen_prototype.py: MiniBatchKMeans(n_clusters=P, random_state=0, batch_size=km_expand*P, n_init="auto").partial_fit
+    over buffers of km_expand*P latents, the last partial buffer flushed (official bug D4M:distillation/gen_prototype.py:L83-84 fixed)."""
     from sklearn.cluster import MiniBatchKMeans
     saved = torch.load(os.path.join(d4m_run["out"], "prototypes.pt"), weights_only=True)
     assert saved["classes"] == [str(c) for c in range(10)]
@@ -89,7 +90,7 @@ def test_prototypes_equal_sklearn_minibatch_kmeans(d4m_run):
 
 
 def test_batched_synthesis_equals_one_call_per_image(d4m_run):
-    """§1.3, §2.3: stock img2img from the prototype latent, class-name prompt, the negative prompt, strength,
+    """D4M:scripts/pipeline_stable_diffusion_latents2img.py, D4M:distillation/gen_syn_image_imgnt.sh: stock img2img from the prototype latent, class-name prompt, the negative prompt, strength,
     guidance, one seeded generator per image; called here the official way, one image per call."""
     from diffusers import StableDiffusionImg2ImgPipeline
     from PIL import Image
@@ -109,8 +110,8 @@ def test_batched_synthesis_equals_one_call_per_image(d4m_run):
 
 
 def test_ttm_labels_replay(d4m_run, digits_conv3):
-    """§2.4: the stored FKD batches rebuild to the same pixels, whose teacher logits are the stored ones; and
-    validate_fkd.py's fkd protocol replayed them (§2.5: T=20, AdamW, cosine, no T^2)."""
+    """D4M:matching/utils_fkd.py:L199-237: the stored FKD batches rebuild to the same pixels, whose teacher logits are the stored ones; and
+    validate_fkd.py's fkd protocol replayed them (D4M:validate/train_FKD.sh: T=20, AdamW, cosine, no T^2)."""
     out = d4m_run["out"]
     meta = json.load(open(os.path.join(out, "fkd_meta.json")))
     assert meta["epochs"] == 2 and meta["batch_size"] == 16 and meta["mix"] == "cutmix" and meta["min_scale"] == 0.08
@@ -141,7 +142,7 @@ def test_image_folder_readers_see_only_the_classes(d4m_run):
 
 
 def test_prompts_in_class_order(d4m_run, tmp_path, monkeypatch):
-    """Prompts reach the pipeline from the dataset's class list, class by class, with the §1.4 settings."""
+    """Prompts reach the pipeline from the dataset's class list, class by class, with the official settings."""
     from diffusers import StableDiffusionImg2ImgPipeline
     import d4m
     calls, original = [], StableDiffusionImg2ImgPipeline.__call__
@@ -234,3 +235,28 @@ def test_torchrun_two_processes_write_the_same_set(d4m_run, tmp_path):
         assert all(torch.equal(x, y) for x, y in zip(a["index"], b["index"]))  # the same batches and crops
         assert all(torch.equal(x, y) for x, y in zip(a["boxes"], b["boxes"]))
         assert all(torch.allclose(x.float(), y.float(), atol=0.05) for x, y in zip(a["logits"], b["logits"]))
+
+
+def test_latents_are_cached_so_an_ipc_loop_encodes_once(tiny_sd, tmp_path, monkeypatch):
+    import d4m
+    monkeypatch.setenv("DD_CACHE", str(tmp_path / "cache"))
+    small = ["--model", tiny_sd, "--size", "64", "--steps", "4", "--ttm-epochs", "0", "--workers", "0"]
+    d4m.main([*small, "--ipc", "1", "--out", str(tmp_path / "ipc1")])
+    first = json.load(open(tmp_path / "ipc1" / "run.json"))["latent_cache"]
+    files = sorted(os.listdir(first["path"]))
+    assert first["reused_classes"] == 0 and files == [f"{c:05d}.pt" for c in range(10)]
+    mtimes = [os.stat(os.path.join(first["path"], f)).st_mtime_ns for f in files]
+    d4m.main([*small, "--ipc", "2", "--out", str(tmp_path / "ipc2"), "--save-latents", str(tmp_path / "enc")])
+    second = json.load(open(tmp_path / "ipc2" / "run.json"))["latent_cache"]
+    assert second == {"path": first["path"], "reused_classes": 10}
+    assert [os.stat(os.path.join(first["path"], f)).st_mtime_ns for f in files] == mtimes  # not re-encoded
+    # the cached latents are the ones a fresh encoding gives: compare with an uncached run's saved latents
+    d4m.main([*small, "--ipc", "2", "--out", str(tmp_path / "fresh"), "--no-latent-cache",
+              "--save-latents", str(tmp_path / "fresh_enc")])
+    for c in (0, 9):
+        a = torch.load(tmp_path / "enc" / f"{c:05d}.pt", weights_only=True)["latents"]
+        b = torch.load(tmp_path / "fresh_enc" / f"{c:05d}.pt", weights_only=True)["latents"]
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for c in (0, 9):  # hence the same prototypes and images
+        assert (open(tmp_path / "ipc2" / f"{c:05d}" / "00001.png", "rb").read()
+                == open(tmp_path / "fresh" / f"{c:05d}" / "00001.png", "rb").read())

@@ -155,7 +155,8 @@ def test_two_process_torchrun_writes_the_same_files(one_proc, tmp_path):
     two = tmp_path / "two"
     env = script_env(OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "delt.py", "--out", str(two), *SMALL], cwd=ROOT, env=env, capture_output=True,
+                           "delt.py", "--out", str(two), *SMALL, "--ranking-file", str(tmp_path / "ranking.csv")],
+                          cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "[rank 1]" in proc.stdout
@@ -186,6 +187,26 @@ def test_resume_after_an_interrupted_run(one_proc, tmp_path):
     assert rec["status"] == "done" and "best_mean" in rec["eval"] and "best_mean" in rec["eval"]["random_real"]
     assert json.load(open(out / "eval_rded.json"))["recipe"]["rand_augment"] == "rand-m6-n2-mstd1.0"
     assert "random real" in proc.stdout.splitlines()[-1]
+
+
+def test_ranking_is_cached_by_data_and_teacher_so_an_ipc_loop_ranks_once(tmp_path):
+    cache = tmp_path / "cache"  # a fresh $DD_CACHE holding only the digits teachers
+    shutil.copytree(os.path.join(common.cache_dir(), "teachers"), cache / "teachers")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DD_CACHE": str(cache)}
+    small = ["--iterations", "10", "--round-itr", "10", "--batch-size", "10", "--no-eval"]
+    records = []
+    for ipc in (1, 2):
+        out = tmp_path / f"ipc{ipc}"
+        proc = subprocess.run([sys.executable, "delt.py", "--out", str(out), "--ipc", str(ipc), *small], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rec = json.load(open(out / "run.json"))["ranking"]
+        records.append((rec, os.stat(rec["path"]).st_mtime_ns))
+        assert filecmp.cmp(rec["path"], out / "ranking.csv", shallow=False)  # the copy beside the set
+    (first, t1), (second, t2) = records
+    assert first["path"] == second["path"] and first["path"].startswith(str(cache / "delt_ranking"))
+    assert (first["reused"], second["reused"]) == (False, True) and t1 == t2  # ranked once, not rewritten
+    assert len(os.listdir(cache / "delt_ranking")) == 1
 
 
 @pytest.mark.parametrize("flags,message", [

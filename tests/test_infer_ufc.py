@@ -1,4 +1,4 @@
-"""infer_ufc.py: the budget arithmetic of §1.1, the on-disk contract, one UFC shared by every class
+"""infer_ufc.py: the budget arithmetic (paper Sec. 3; UFC README), the on-disk contract, one UFC shared by every class
 of its set, the loss falling, reals saved unchanged, the compact form rebuilding the written set,
 soft_labels.pt against an independent teacher-ensemble computation, resume, and bad input.
 The runs use two copies of the cached digits conv3 teacher (M=2), IPC 2 -> K=1, 3 files per class."""
@@ -31,8 +31,8 @@ def read_class(folder):
                                for f in files])
 
 
-def test_budget_table_of_the_spec():
-    # (C, M, IPC) -> (K, files/class, UFCs, image-equivalents), spec §1.1 table
+def test_budget_table_of_the_docs():
+    # (C, M, IPC) -> (K, files/class, UFCs, image-equivalents), the table in docs/infer_ufc.md
     table = {(10, 4, 10): (7, 35, 28, 98), (10, 4, 50): (35, 175, 140, 490),
              (100, 4, 10): (9, 45, 36, 936), (100, 4, 50): (48, 240, 192, 4992), (100, 4, 100): (96, 480, 384, 9984),
              (200, 4, 10): (9, 45, 36, 1836), (200, 4, 50): (49, 245, 196, 9996),

@@ -146,7 +146,7 @@ def test_baseline_random_and_training_learns(tmp_path, digits_conv3):
     assert rec["baseline"]["ipc"] == 5 and len(rec["baseline"]["runs"]) == 1
     assert math.isclose(rec["improvement_over_random"], rec["best_mean"] - rec["baseline"]["best_mean"])
     assert rec["best_mean"] > 30.0  # 50 real digits and 12 epochs beat chance (10 %) clearly
-    assert "random real:" in proc.stdout
+    assert "random real (5 images/class):" in proc.stdout  # the per-class figure named as such
 
 
 def test_torchrun_two_processes_train(digits_set, digits_conv3, tmp_path):

@@ -174,7 +174,7 @@ def test_long_prompt_is_encoded_in_77_token_chunks(tiny_sd):
         neg_ids = tok("cartoon, anime, painting", padding="max_length", max_length=n, return_tensors="pt").input_ids
         ref_neg = torch.cat([enc(neg_ids[:, i:i + 77])[0] for i in (0, 77, 154)], 1)
         # the first chunk is what truncated (training-style) encoding gives, up to the EOS that
-        # truncation puts at position 76 (the train/synthesis mismatch of d4m_vlcp.md §4 VLCP.6)
+        # truncation puts at position 76 (the official train/synthesis mismatch)
         trunc = enc(tok(prompt, truncation=True, max_length=77, return_tensors="pt").input_ids)[0]
     torch.testing.assert_close(pe, ref)
     torch.testing.assert_close(ne, ref_neg)

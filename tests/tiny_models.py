@@ -298,3 +298,26 @@ def build_tiny_llava(path, seed: int = 0) -> str:
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+def main(argv=None) -> None:
+    """`uv run python -m tests.tiny_models DIR`: build DIR/sd, DIR/dit and DIR/llava (seconds, no download)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m tests.tiny_models",
+                                description="Build tiny random Stable Diffusion, DiT and LLaVA folders for the "
+                                            "no-weights digits recipes (outputs are noise; they exercise the pipelines).")
+    p.add_argument("dir", help="folder to write sd/, dit/ and llava/ into (created if missing)")
+    p.add_argument("--only", choices=["sd", "dit", "llava"], action="append",
+                   help="build only these (repeatable; default: all three)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
+    args = p.parse_args(argv)
+    builders = {"sd": build_tiny_sd, "dit": build_tiny_dit, "llava": build_tiny_llava}
+    for name in args.only or list(builders):
+        out = os.path.join(args.dir, name)
+        os.makedirs(out, exist_ok=True)
+        print(f"{name}: {builders[name](out, seed=args.seed)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

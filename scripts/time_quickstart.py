@@ -1,0 +1,47 @@
+"""Wall time of the README's quick-start commands, with the device, thread and core count.
+
+Runs each command as a new user would (a fresh, empty $DD_CACHE unless --keep-cache, so the digits
+teacher is trained too), prints its last output line and its wall time. The README's figures come
+from this script; rerun it when the code they measure changes.
+
+  uv run python scripts/time_quickstart.py                        # `uv run python delt.py` (minutes)
+  uv run python scripts/time_quickstart.py --suite                # also `uv run pytest -q` (about 10 minutes or more)
+"""
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import common  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--suite", action="store_true", help="also time the whole test suite (`uv run pytest -q`)")
+    p.add_argument("--keep-cache", action="store_true",
+                   help="use the current $DD_CACHE instead of a fresh one (the digits teacher is then not trained)")
+    args = common.document_defaults(p).parse_args(argv)
+    import torch
+    commands = [["uv", "run", "python", "delt.py", "--out", "runs/time_quickstart_delt", "--overwrite"]]
+    if args.suite:
+        commands.append(["uv", "run", "pytest", "-q"])
+    with tempfile.TemporaryDirectory() as fresh:
+        env = dict(os.environ)
+        if not args.keep_cache:
+            env["DD_CACHE"] = fresh
+        for cmd in commands:
+            t0 = time.time()
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+            lines = (proc.stdout.strip() or proc.stderr.strip() or "(no output)").splitlines()
+            print(f"$ {' '.join(cmd)}\n  exit {proc.returncode}, {time.time() - t0:.0f} s wall; last line: {lines[-1]}")
+    threads = os.environ.get("OMP_NUM_THREADS", f"torch default {torch.get_num_threads()}")
+    print(f"device {common.device_name('cuda' if torch.cuda.is_available() else 'cpu')}, threads {threads}, "
+          f"{os.cpu_count()} cores, fresh cache: {not args.keep_cache}")
+
+
+if __name__ == "__main__":
+    common.run_cli(main)
