@@ -297,6 +297,7 @@ def resolve(args, method=None):
     the rules that depend on IPC."""
     info = common.dataset_info(args.dataset)
     ds = DATASET_PRESETS.get(args.dataset, {})
+    explicit_norm = args.norm
     mp = METHOD_PRESETS.get(method, {})
     preset = {**PROTOCOLS[args.protocol], **ds.get("all", {}), **ds.get(args.protocol, {}),
               **mp.get("all", {}).get(args.protocol, {}), **mp.get(args.dataset, {}).get(args.protocol, {})}
@@ -322,8 +323,13 @@ def resolve(args, method=None):
     if args.gamma is None:
         args.gamma = 0.1
     args.size = common.input_size(args.dataset, args.student)
-    norm = (info.mean, info.std) if args.norm == "dataset" else (common.IMAGENET_MEAN, common.IMAGENET_STD)
-    args.mean, args.std = tuple(args.mean or norm[0]), tuple(args.std or norm[1])
+    norm = ((info.mean, info.std, f"{args.dataset} statistics ({'--norm' if explicit_norm else 'preset'} dataset)")
+            if args.norm == "dataset" else
+            (common.IMAGENET_MEAN, common.IMAGENET_STD, f"ImageNet statistics ({'--norm' if explicit_norm else 'preset'} imagenet)"))
+    # a teacher checkpoint that says what it expects (RDED's ConvNet layout, stored mean/std) beats the preset,
+    # an explicit --norm or --mean/--std beats both
+    paths = (args.teacher_path or "").split(",") if args.label_mode != "hard" and not explicit_norm else []
+    args.mean, args.std, args.norm_source = common.resolve_norm(args.dataset, paths, args.mean, args.std, "auto", default=norm)
     return args
 
 
@@ -348,6 +354,7 @@ def recipe_record(args, cfg):
     return {**{k: v for k, v in vars(cfg).items() if k not in ("seed", "workers")}, "milestones": list(cfg.milestones), "crop": args.crop,
             "min_scale": args.min_scale, "factor": args.factor, "flip": bool(args.flip), "rand_augment": args.rand_augment,
             "color_jitter": args.color_jitter, "lighting": args.lighting, "size": args.size, "norm": args.norm,
+            "norm_source": args.norm_source,
             "mean": list(args.mean), "std": list(args.std), "test_view": args.test_view, "repeats": args.repeats,
             "lr_search": list(LR_GRID) if args.lr_search else None}
 
@@ -702,7 +709,8 @@ def main(argv=None):
     info = common.dataset_info(args.dataset)
     folder = args.syn_data_path.rstrip("/") if args.syn_data_path else None
     fkd_dir = folder  # stored FKD labels are files in the set's root (common.fkd_path; the old fkd/ folder is read too)
-    preset_line = f"preset: {method or 'none'} ({source}); protocol {args.protocol}"
+    preset_line = (f"preset: {method or 'none'} ({source}); protocol {args.protocol}; inputs normalised with "
+                   f"mean {[round(m, 4) for m in args.mean]} std {[round(v, 4) for v in args.std]} ({args.norm_source})")
 
     # --- dry run: the resolved recipe, nothing loaded or trained ---
     if args.dry_run:

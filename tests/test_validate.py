@@ -370,3 +370,31 @@ def test_lr_search_selects_on_the_test_set_and_reports_the_winner(digits_set, di
     assert rec["lr_search"]["distilled"] == [rec["runs"][0]["lr"]] and rec["lr_search"]["random"] == [rec["baseline"]["runs"][0]["lr"]]
     assert "test set" in rec["lr_search"]["selected_on"] and rec["recipe"]["lr_search"] == list(validate_fkd.LR_GRID)
     assert "lr search (selected on the test set)" in proc.stdout
+
+
+def test_teacher_checkpoint_normalisation_beats_the_preset_and_norm_flag_beats_both(tmp_path, digits_conv3):
+    """A teacher in RDED's ConvNet layout was trained on ImageNet statistics (LINs-lab/RDED@3f6453d:
+    validation/main.py): the validator normalises with them unless --norm or --mean/--std say otherwise."""
+    import common
+    import validate_fkd
+    rded = {}
+    for k, v in digits_conv3.state_dict().items():
+        parts = k.split(".")
+        if parts[0] == "features":
+            n = int(parts[1])
+            k = f"layers.{'conv' if n % 4 == 0 else 'norm'}.{n // 4}." + ".".join(parts[2:])
+        elif parts[0] == "fc":
+            k = "classifier." + ".".join(parts[1:])
+        rded[k] = v
+    path = tmp_path / "rded_conv3.pt"
+    torch.save({"model": rded}, path)
+    base = ["--random-real", "1", "--dry-run", "--protocol", "rded", "--teacher", "conv3", "--student", "conv3"]
+    plain = validate_fkd.main(base)["recipe"]
+    assert plain["mean"] == list(common.dataset_info("digits").mean)
+    from_ckpt = validate_fkd.main(base + ["--teacher-path", str(path)])["recipe"]
+    assert from_ckpt["mean"] == list(common.IMAGENET_MEAN) and from_ckpt["std"] == list(common.IMAGENET_STD)
+    assert "RDED" in from_ckpt["norm_source"]
+    forced = validate_fkd.main(base + ["--teacher-path", str(path), "--norm", "dataset"])["recipe"]
+    assert forced["mean"] == list(common.dataset_info("digits").mean)
+    explicit = validate_fkd.main(base + ["--teacher-path", str(path), "--mean", "0.1", "0.2", "0.3"])["recipe"]
+    assert explicit["mean"] == [0.1, 0.2, 0.3] and explicit["std"] == list(common.IMAGENET_STD)
