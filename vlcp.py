@@ -10,6 +10,9 @@ Pipeline, one file, every stage resumable (rerun the same command):
   4. text protos   per cluster: the caption that holds most of the cluster's frequent words (Sec. 3.4)
   5. synthesis     img2img from each image prototype, conditioned on its text prototype (Sec. 3.5)
   6. --eval        validate_fkd.py with the Minimax (`hard`) or RDED (`rded`) protocol (Sec. 3.6/3.7)
+Stages 1-2 do not depend on IPC: unless --captions/--finetuned/--no-cache say otherwise, their outputs are
+shared under $DD_CACHE (vlcp_captions/, vlcp_finetuned/), keyed by everything that decides them, so a
+loop over IPC captions and fine-tunes once.
 
 Run (digits first, no weights: the tiny random SD and LLaVA of `uv run python -m tests.tiny_models /tmp/tiny`,
 whose images are noise; real folders or hub ids give the real method):
@@ -46,6 +49,7 @@ Deliberate deviations from the official code (docs/vlcp.md gives the reason for 
 """
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -98,16 +102,23 @@ def parse_args(argv=None):
     g.add_argument("--captioner", default="llava-hf/llava-1.5-7b-hf", help="LLaVA-1.5 (transformers) hub id or folder")
     g.add_argument("--max-per-class", type=int, default=None,
                    help="use only the first N real training images of each class in every stage (quick runs, tests)")
+    g.add_argument("--no-cache", dest="cache", action="store_false",
+                   help="keep the default captions in <out>/captions.jsonl and the fine-tuned model in <out>_sd "
+                        "(default: shared under $DD_CACHE/vlcp_captions/ and $DD_CACHE/vlcp_finetuned/, keyed by "
+                        "the data, the models' files and every setting that changes them, so a loop over IPC "
+                        "captions and fine-tunes once)")
     g = p.add_argument_group("stage 1: captions (Sec. 3.1)")
     g.add_argument("--captions", default=None,
                    help="captions file to reuse and complete: our captions.jsonl or the official metadata.jsonl "
-                        "({'file_name','text'} lines); default <out>/captions.jsonl")
+                        "({'file_name','text'} lines); default $DD_CACHE/vlcp_captions/<key>.jsonl "
+                        "(--no-cache: <out>/captions.jsonl)")
     g.add_argument("--caption-batch-size", type=int, default=8, help="images per LLaVA generate call")
     g.add_argument("--caption-temperature", type=float, default=0.2, help="sampling temperature (model_vqa.py default)")
     g.add_argument("--caption-max-tokens", type=int, default=1024, help="max new tokens per caption (model_vqa.py default)")
     g = p.add_argument_group("stage 2: fine-tuning (Sec. 3.2)")
     g.add_argument("--finetuned", default=None,
-                   help="folder of the fine-tuned pipeline: trained if incomplete, loaded if done; default <out>_sd")
+                   help="folder of the fine-tuned pipeline: trained if incomplete, loaded if done; default "
+                        "$DD_CACHE/vlcp_finetuned/<key>/ (--no-cache: <out>_sd)")
     g.add_argument("--finetune-epochs", type=int, default=8, help="epochs over (image, caption); 0 skips stage 2")
     g.add_argument("--ft-res", type=int, default=None, help="fine-tuning resolution (512 ImageNet, 32 CIFAR)")
     g.add_argument("--ft-batch-size", type=int, default=32, help="images per micro-batch (per process)")
@@ -147,6 +158,53 @@ def parse_args(argv=None):
         "Woof/ImageNet-100/Tiny/digits: not published, our choice. The source of each value is the comment "
         "beside it in PRESETS in vlcp.py."))
     return common.apply_presets(p.parse_args(argv), PRESETS, DEFAULTS)
+
+
+# --- cache keys of stages 1-2 (shared across IPCs) --------------------------------------------------
+MODEL_FILES = (".json", ".txt", ".model", ".safetensors", ".bin")  # configs, tokenizers, weights
+SD_PARTS = ("model_index.json", "scheduler", "tokenizer", "text_encoder", "vae", "unet")  # what stage 2 loads
+
+
+def content_hash(obj):
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def file_digest(path):
+    """sha256 of a file's bytes, remembered under $DD_CACHE by (real path, size, mtime) so that a loop over
+    IPC reads a 14 GB LLaVA once."""
+    st = os.stat(path)
+    memo = common.cache_path("file_digests", [os.path.realpath(path), st.st_size, st.st_mtime_ns], ".txt")
+    if os.path.isfile(memo):
+        with open(memo) as f:
+            return f.read()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    os.makedirs(os.path.dirname(memo), exist_ok=True)
+    with open(f"{memo}.tmp{os.getpid()}", "w") as f:
+        f.write(h.hexdigest())
+    os.replace(f"{memo}.tmp{os.getpid()}", memo)
+    return h.hexdigest()
+
+
+def model_files_hash(name, flag, index="config.json", parts=("",)):
+    """Which model `name` is, without loading it: a folder by the content of its config, tokenizer and
+    weight files (those directly in each of `parts`, files or sub-folders of `name`); a hub id by the
+    commit of its snapshot (offline: the cached one)."""
+    common.hub_check(name, flag, index)
+    if not os.path.isdir(name):
+        from huggingface_hub import hf_hub_download
+        return "hub commit " + os.path.basename(os.path.dirname(hf_hub_download(name, index)))
+    files = []
+    for part in parts:
+        p = os.path.join(name, part)
+        if os.path.isfile(p):
+            files.append(part)
+        elif os.path.isdir(p):
+            files += [os.path.join(part, f) for f in sorted(os.listdir(p))
+                      if f.endswith(MODEL_FILES) and os.path.isfile(os.path.join(p, f))]
+    return content_hash([(f, file_digest(os.path.join(name, f))) for f in files])
 
 
 # --- stage 1 helpers: captions ---------------------------------------------------------------------
@@ -511,7 +569,24 @@ def main(argv=None):
             raise common.UserError(f"class {c} ({names[c]}) has {len(idx)} training images, fewer than --ipc {args.ipc}")
     selected = [i for idx in per_class for i in idx]
     keys = image_keys(train, args.dataset, classes)
+    data_key = {"dataset": args.dataset, "data_path": os.path.abspath(args.data_path) if args.data_path else None,
+                "files": content_hash([[keys[i], int(targets[i])] for i in selected])}
+    device_type = str(d.device).split(":")[0]  # fp16 on CUDA, fp32 elsewhere: other captions and models
     captions_path = args.captions or os.path.join(args.out, "captions.jsonl")
+    if args.cache and not args.captions:
+        # the captions depend on the images, the captioner, its prompt and sampling, not on IPC (nor on
+        # the number of processes: whole batches go to ranks), so a loop over IPC captions once
+        try:
+            captioner_files = model_files_hash(args.captioner, "--captioner")
+        except common.UserError as e:
+            raise common.UserError(f"{e}; the shared captions are keyed by the captioner's files (pass --captions "
+                                   f"FILE to use a captions file without it)") from e
+        captions_path = common.cache_path("vlcp_captions", {
+            **data_key, "captioner": os.path.abspath(args.captioner) if os.path.isdir(args.captioner) else args.captioner,
+            "captioner_files": captioner_files, "classes": names,
+            "prompt": caption_prompt("{}"), "temperature": args.caption_temperature,
+            "max_tokens": args.caption_max_tokens, "batch_size": args.caption_batch_size, "seed": args.seed,
+            "device": device_type}, ".jsonl")
     if args.captions and not os.path.isfile(args.captions) and os.path.exists(args.captions):
         raise common.UserError(f"--captions {args.captions} is not a file")
     # models and captions are checked here, before the output is touched (a malformed file stops in read_captions)
@@ -531,17 +606,20 @@ def main(argv=None):
                >= args.ipc for c in range(len(classes))):
         common.hub_check(args.model, "--model", "model_index.json")
     ft_dir = args.finetuned or args.out.rstrip("/") + "_sd"
+    shared_ft = args.finetune_epochs > 0 and args.cache and not args.finetuned  # folder named in stage 2
+    base_files = model_files_hash(args.model, "--model", "model_index.json", SD_PARTS) if shared_ft else None
     ft_settings = {k: getattr(args, k) for k in ("model", "dataset", "max_per_class", "finetune_epochs", "ft_res",
                                                  "ft_batch_size", "grad_accum", "ft_lr", "ft_max_steps", "ema_decay",
                                                  "mixed_precision", "seed")}
     ft_record = os.path.join(ft_dir, "vlcp_finetune.json")
-    if args.finetune_epochs > 0 and finetune_record(ft_record) not in (None, ft_settings) and not args.overwrite:
+    if (args.finetune_epochs > 0 and not shared_ft and finetune_record(ft_record) not in (None, ft_settings)
+            and not args.overwrite):
         raise common.UserError(f"{ft_dir} holds a model fine-tuned with other settings; pass --overwrite to "
                                f"retrain it or choose another --finetuned")
     run = common.RunDir(args.out, args, classes, rank=d.rank, overwrite=args.overwrite,
                         extra_artefacts=("captions.jsonl", "text_prototypes.json", "prototypes.pt", ".vlcp"),
                         ignore=("caption_batch_size", "encode_batch_size", "synth_batch_size", "checkpointing_steps",
-                                "eval_teacher_path"))
+                                "eval_teacher_path", "cache"))
     todo = [c for c in shard_of(range(len(classes)), d) if not run.class_complete(c, args.ipc)]
     proto_dir = os.path.join(args.out, ".vlcp")
     os.makedirs(proto_dir, exist_ok=True)
@@ -553,6 +631,7 @@ def main(argv=None):
         if missing:
             print(f"captions: {len(selected) - len(missing)} of {len(selected)} images already captioned in "
                   f"{captions_path}; captioning {len(missing)} with {args.captioner}")
+            os.makedirs(os.path.dirname(os.path.abspath(captions_path)), exist_ok=True)
             part = captions_path if d.world == 1 else f"{captions_path}.rank{d.rank}"
             # whole caption batches go to ranks, so every batch (and its sampling seed) is the one a
             # single process would caption: the captions do not depend on the number of processes
@@ -567,21 +646,30 @@ def main(argv=None):
                         os.remove(f"{captions_path}.rank{r}")
             common.barrier()
             captions = load_captions(captions_path, keys)
-    run.record["captions"] = {"file": os.path.abspath(captions_path), "images": len(selected),
+        else:
+            print(f"captions: reusing {captions_path} (all {len(selected)} images captioned)")
+    run.record["captions"] = {"path": os.path.abspath(captions_path), "reused": not missing, "images": len(selected),
                               "generated": len(missing)}
 
     # --- stage 2: fine-tune the SD UNet on (image, caption) (Sec. 3.2) ---
-    sd_path = args.model
+    sd_path, run.record["finetuned"] = args.model, None
     if args.finetune_epochs > 0:
+        if shared_ft:  # the captions' content, the base model and every fine-tuning setting decide the model
+            ft_dir = common.cache_path("vlcp_finetuned", {
+                **data_key, **ft_settings, "base_files": base_files, "world": d.world, "device": device_type,
+                "captions": content_hash([captions[keys[i]] for i in selected])}, "")
+            ft_record = os.path.join(ft_dir, "vlcp_finetune.json")
         sd_path = ft_dir
-        if finetune_record(ft_record) != ft_settings:
+        ft_reused = finetune_record(ft_record) == ft_settings
+        if not ft_reused:
             if d.main and os.path.isfile(ft_record):  # other settings and --overwrite: retrain from scratch
                 shutil.rmtree(ft_dir)
             os.makedirs(ft_dir, exist_ok=True)
             with run.stage("finetune", items=len(selected) * args.finetune_epochs):
                 finetune_unet(args.model, train, selected, [captions[keys[i]] for i in selected], ft_dir, args, d,
                               ft_settings)
-        print(f"finetune: using {ft_dir}")
+        print(f"finetune: using {ft_dir}" + (" (reused)" if ft_reused else ""))
+        run.record["finetuned"] = {"path": os.path.abspath(ft_dir), "reused": ft_reused}
     run.record["sd_model"] = sd_path
 
     pipe = None
