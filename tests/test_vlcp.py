@@ -1,6 +1,7 @@
 """vlcp.py: the text-prototype rule worked out by hand, LOF + KMeans against sklearn, the captions
 file formats, fine-tuning two steps, long-prompt chunking, and an end-to-end digits run with the
-tiny LLaVA and Stable Diffusion fixtures (on-disk contract, resume, bad input)."""
+tiny LLaVA and Stable Diffusion fixtures (on-disk contract, resume, bad input, captions and fine-tuned
+model shared across an IPC loop)."""
 import json
 import os
 
@@ -211,32 +212,47 @@ def test_finetune_two_steps_changes_unet_and_saves_a_pipeline(tiny_sd, tmp_path)
 
 
 # --- every stage from the command line ------------------------------------------------------------
-def _argv(out, tiny_sd, tiny_llava):
-    return ["--dataset", "digits", "--ipc", "2", "--max-per-class", "4", "--out", out, "--model", tiny_sd,
+def _argv(out, tiny_sd, tiny_llava, ipc=2):
+    return ["--dataset", "digits", "--ipc", str(ipc), "--max-per-class", "4", "--out", out, "--model", tiny_sd,
             "--captioner", tiny_llava, "--size", "64", "--ft-res", "32", "--caption-max-tokens", "8",
             "--finetune-epochs", "1", "--ft-batch-size", "4", "--grad-accum", "1", "--ft-max-steps", "1",
             "--steps", "4", "--workers", "0"]
 
 
+def _sha256(path):
+    import hashlib
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
 def test_cli_digits_end_to_end_and_resume(tiny_sd, tiny_llava, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    cache = str(tmp_path / "cache")  # the shared captions and fine-tuned model of this test only
+    monkeypatch.setenv("DD_CACHE", cache)
     out = str(tmp_path / "vlcp")
-    proc = run_script("vlcp.py", *_argv(out, tiny_sd, tiny_llava))
+    # one image per caption batch: each caption's sampling seed is its own, so a lost caption comes back the same
+    argv = [*_argv(out, tiny_sd, tiny_llava), "--caption-batch-size", "1"]
+    proc = run_script("vlcp.py", *argv, env={"DD_CACHE": cache})
     assert proc.stdout.strip().splitlines()[-1].startswith(f"vlcp digits ipc2: 20 images (32 px) in {out}")
     classes = common.class_list("digits")
     images, targets = common.load_image_set(out, classes)
     assert images.shape == (20, 3, 32, 32) and targets.tolist() == [c for c in range(10) for _ in range(2)]
     assert sorted(os.listdir(out)) == sorted([f"{c:05d}" for c in range(10)] + [
-        "captions.jsonl", "classes.json", "preview.png", "prototypes.pt", "run.json", "text_prototypes.json"])
+        "classes.json", "preview.png", "prototypes.pt", "run.json", "text_prototypes.json"])
     record = json.load(open(os.path.join(out, "run.json")))
     assert record["status"] == "done"
     assert {"captions", "finetune", "image_prototypes", "text_prototypes", "synthesis"} <= set(record["stages"])
-    assert record["sd_model"] == out + "_sd" and os.path.isfile(os.path.join(out + "_sd", "vlcp_finetune.json"))
+    # stages 1-2 went to the shared cache, not beside the set
+    captions_file, sd_dir = record["captions"]["path"], record["finetuned"]["path"]
+    assert os.path.dirname(captions_file) == os.path.join(cache, "vlcp_captions") and captions_file.endswith(".jsonl")
+    assert record["captions"] == {"path": captions_file, "reused": False, "images": 40, "generated": 40}
+    assert os.path.dirname(sd_dir) == os.path.join(cache, "vlcp_finetuned") and not record["finetuned"]["reused"]
+    assert record["sd_model"] == sd_dir and os.path.isfile(os.path.join(sd_dir, "vlcp_finetune.json"))
+    assert not os.path.exists(out + "_sd")
     # captions: one {"<class id>/<index>.png": text} line for the first 4 images of every class
     train_targets = common.digits_split("train")[1]
     expected = {f"{c}/{i:05d}.png" for c in range(10) for i in (train_targets == c).nonzero().flatten()[:4].tolist()}
-    lines = open(os.path.join(out, "captions.jsonl")).read().splitlines()
-    caps = vlcp.read_captions(os.path.join(out, "captions.jsonl"))
+    lines = open(captions_file).read().splitlines()
+    caps = vlcp.read_captions(captions_file)
     assert len(lines) == 40 and set(caps) == expected and all(isinstance(v, str) for v in caps.values())
     # each text prototype is one of its class's captions (or "")
     texts = json.load(open(os.path.join(out, "text_prototypes.json")))
@@ -246,21 +262,24 @@ def test_cli_digits_end_to_end_and_resume(tiny_sd, tiny_llava, tmp_path, monkeyp
     protos = torch.load(os.path.join(out, "prototypes.pt"), weights_only=False)
     assert protos[0]["prototypes"].shape == (2, 4, 8, 8) and len(protos[0]["inliers"]) == 4
 
-    # resume: class 3 lost, one caption of class 5 lost -> only those are redone, class 3 identically
+    # resume: class 3 lost, one caption of class 5 lost -> only those are redone, class 3 identically; the
+    # caption comes back the same, so the fine-tuned model (keyed by the captions' content) is reused
     import shutil
     before3 = common.load_image_set(out, classes)[0][6:8]
     mtime0 = os.path.getmtime(os.path.join(out, "00000", "00000.png"))
     shutil.rmtree(os.path.join(out, "00003"))
     dropped = next(k for k in sorted(caps) if k.startswith("5/"))
     kept = [ln for ln in lines if dropped not in ln]
-    open(os.path.join(out, "captions.jsonl"), "w").write("\n".join(kept) + "\n")
+    open(captions_file, "w").write("\n".join(kept) + "\n")
     capsys.readouterr()
-    vlcp.main(_argv(out, tiny_sd, tiny_llava))
+    vlcp.main(argv)
     printed = capsys.readouterr().out
-    assert "captioning 1 with" in printed and "finetune: using" in printed and "class 3:" in printed
+    assert "captioning 1 with" in printed and f"finetune: using {sd_dir} (reused)" in printed and "class 3:" in printed
     assert "class 0:" not in printed
-    new_lines = open(os.path.join(out, "captions.jsonl")).read().splitlines()
-    assert new_lines[:39] == kept and dropped in new_lines[39]
+    new_lines = open(captions_file).read().splitlines()
+    assert new_lines[:39] == kept and dropped in new_lines[39] and sorted(new_lines) == sorted(lines)
+    again = json.load(open(os.path.join(out, "run.json")))
+    assert again["captions"]["generated"] == 1 and again["finetuned"] == {"path": sd_dir, "reused": True}
     assert os.path.getmtime(os.path.join(out, "00000", "00000.png")) == mtime0
     assert torch.equal(common.load_image_set(out, classes)[0][6:8], before3)
     assert json.load(open(os.path.join(out, "run.json")))["status"] == "done"
@@ -286,9 +305,10 @@ def test_torchrun_two_processes_write_the_same_set(tiny_sd, tiny_llava, tmp_path
     argv = ["--model", tiny_sd, "--captioner", tiny_llava, "--size", "64", "--steps", "4", "--ipc", "2",
             "--max-per-class", "4", "--caption-max-tokens", "8", "--finetune-epochs", "0", "--device", "cpu",
             "--workers", "0"]
-    env = script_env(OMP_NUM_THREADS="1")
+    # a cache of its own for each run: both caption every image
+    env = script_env(OMP_NUM_THREADS="1", DD_CACHE=str(tmp_path / "cache_two"))
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    run_script("vlcp.py", *argv, "--out", one)
+    run_script("vlcp.py", *argv, "--out", one, env={"DD_CACHE": str(tmp_path / "cache_one")})
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29532",
                            os.path.join(ROOT, "vlcp.py"), *argv, "--out", two], cwd=ROOT, capture_output=True,
                           text=True, timeout=600, env=env)
@@ -299,5 +319,52 @@ def test_torchrun_two_processes_write_the_same_set(tiny_sd, tiny_llava, tmp_path
     # move a pixel by a grey level
     assert torch.equal(a[1], b[1]) and (a[0].int() - b[0].int()).abs().max() <= 2
     assert (a[0].float() - b[0].float()).abs().mean() < 0.05
-    lines = lambda p: sorted(open(os.path.join(p, "captions.jsonl")).read().splitlines())
-    assert lines(one) == lines(two) and len(lines(one)) == 40
+    paths = [json.load(open(os.path.join(p, "run.json")))["captions"]["path"] for p in (one, two)]
+    assert paths[0].startswith(str(tmp_path / "cache_one")) and paths[1].startswith(str(tmp_path / "cache_two"))
+    assert os.path.basename(paths[0]) == os.path.basename(paths[1])  # the key does not hold the process count
+    lines = lambda p: sorted(open(p).read().splitlines())
+    assert lines(paths[0]) == lines(paths[1]) and len(lines(paths[0])) == 40
+
+
+def test_ipc_loop_captions_and_finetunes_once(tiny_sd, tiny_llava, tmp_path):
+    """for ipc in 1 2: the second run reuses the shared captions and fine-tuned model untouched, and they
+    are what an uncached (--no-cache) run makes."""
+    from safetensors.torch import load_file
+    env = {"DD_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    run_script("vlcp.py", *_argv(str(tmp_path / "ipc1"), tiny_sd, tiny_llava, ipc=1), env=env)
+    first = json.load(open(tmp_path / "ipc1" / "run.json"))
+    captions_file, sd_dir = first["captions"]["path"], first["finetuned"]["path"]
+    assert first["captions"]["reused"] is False and first["finetuned"]["reused"] is False
+    assert captions_file.startswith(str(tmp_path / "cache" / "vlcp_captions"))
+    assert sd_dir.startswith(str(tmp_path / "cache" / "vlcp_finetuned"))
+    cached = [captions_file] + [os.path.join(r, f) for r, _, fs in os.walk(sd_dir) for f in fs]
+    assert len(cached) > 5 and not any(f.endswith("checkpoint.pt") for f in cached)
+    stamp = lambda: [(f, os.stat(f).st_mtime_ns, _sha256(f)) for f in sorted(cached)]  # noqa: E731
+    before = stamp()
+
+    proc = run_script("vlcp.py", *_argv(str(tmp_path / "ipc2"), tiny_sd, tiny_llava, ipc=2), env=env)
+    second = json.load(open(tmp_path / "ipc2" / "run.json"))
+    assert second["captions"] == {"path": captions_file, "reused": True, "images": 40, "generated": 0}
+    assert second["finetuned"] == {"path": sd_dir, "reused": True} and second["sd_model"] == sd_dir
+    assert "finetune" not in second["stages"] and "images" not in second["stages"]["captions"]  # no item done
+    assert "captioning" not in proc.stdout and f"captions: reusing {captions_file}" in proc.stdout
+    assert f"finetune: using {sd_dir} (reused)" in proc.stdout and "finetune epoch" not in proc.stdout
+    assert stamp() == before
+    assert sorted(os.listdir(tmp_path)) == ["cache", "ipc1", "ipc2"]  # nothing beside the sets (no <out>_sd)
+    assert len(os.listdir(tmp_path / "cache" / "vlcp_captions")) == 1
+    assert len(os.listdir(tmp_path / "cache" / "vlcp_finetuned")) == 1
+    assert len(common.load_image_set(str(tmp_path / "ipc2"), common.class_list("digits"))[1]) == 20
+
+    # --no-cache: today's per-output files, made afresh: the same captions and the same fine-tuned UNet
+    fresh = str(tmp_path / "fresh")
+    run_script("vlcp.py", *_argv(fresh, tiny_sd, tiny_llava, ipc=1), "--no-cache", env=env)
+    record = json.load(open(os.path.join(fresh, "run.json")))
+    assert record["captions"]["path"] == os.path.join(fresh, "captions.jsonl") and not record["captions"]["reused"]
+    assert record["finetuned"] == {"path": fresh + "_sd", "reused": False}
+    assert sorted(open(captions_file).read().splitlines()) == sorted(open(record["captions"]["path"]).read().splitlines())
+    ours = load_file(os.path.join(sd_dir, "unet", "diffusion_pytorch_model.safetensors"))
+    theirs = load_file(os.path.join(fresh + "_sd", "unet", "diffusion_pytorch_model.safetensors"))
+    base = load_file(os.path.join(tiny_sd, "unet", "diffusion_pytorch_model.safetensors"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert any(not torch.equal(ours[k], base[k]) for k in ours)  # fine-tuned, not the base model
+    assert stamp() == before
