@@ -863,12 +863,57 @@ def weights_hash(model):
     return h.hexdigest()[:16]
 
 
+def content_hash(obj):
+    """A short sha256 of any JSON-able description: the key of a cached artefact."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def cache_path(kind, key, suffix):
-    """$DD_CACHE/<kind>/<sha256 of key>[:16]<suffix>: artefacts that depend only on the data and a
-    model (DELT's ranking, D4M's latents), shared by every run that asks for the same thing, so a
-    loop over IPC computes them once. `key` is any JSON-able description of what went in."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return os.path.join(cache_dir(), kind, f"{digest}{suffix}")
+    """$DD_CACHE/<kind>/<content_hash(key)><suffix>: artefacts that depend only on the data and a
+    model (DELT's ranking, D4M's latents, VLCP's captions), shared by every run that asks for the same
+    thing, so a loop over IPC computes them once. `key` is any JSON-able description of what went in."""
+    return os.path.join(cache_dir(), kind, f"{content_hash(key)}{suffix}")
+
+
+MODEL_FILES = (".json", ".txt", ".model", ".safetensors", ".bin")  # configs, tokenizers, weights
+
+
+def file_digest(path):
+    """sha256 of a file's bytes, remembered under $DD_CACHE by (real path, size, mtime) so that a loop over
+    IPC reads a 14 GB model once."""
+    st = os.stat(path)
+    memo = cache_path("file_digests", [os.path.realpath(path), st.st_size, st.st_mtime_ns], ".txt")
+    if os.path.isfile(memo):
+        with open(memo) as f:
+            return f.read()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    os.makedirs(os.path.dirname(memo), exist_ok=True)
+    with open(f"{memo}.tmp{os.getpid()}", "w") as f:
+        f.write(h.hexdigest())
+    os.replace(f"{memo}.tmp{os.getpid()}", memo)
+    return h.hexdigest()
+
+
+def model_files_hash(name, flag, index="config.json", parts=("",)):
+    """Which model `name` is, without loading it: a folder by the content of its config, tokenizer and
+    weight files (those directly in each of `parts`, files or sub-folders of `name`); a hub id by the
+    commit of its snapshot (offline: the cached one)."""
+    hub_check(name, flag, index)
+    if not os.path.isdir(name):
+        from huggingface_hub import hf_hub_download
+        return "hub commit " + os.path.basename(os.path.dirname(hf_hub_download(name, index)))
+    files = []
+    for part in parts:
+        p = os.path.join(name, part)
+        if os.path.isfile(p):
+            files.append(part)
+        elif os.path.isdir(p):
+            files += [os.path.join(part, f) for f in sorted(os.listdir(p))
+                      if f.endswith(MODEL_FILES) and os.path.isfile(os.path.join(p, f))]
+    return content_hash([(f, file_digest(os.path.join(name, f))) for f in files])
 
 
 DIGITS_TEACHER_EPOCHS = 3

@@ -46,7 +46,6 @@ selection on the test set) is off by default.
 """
 import argparse
 import copy
-import hashlib
 import json
 import math
 import os
@@ -587,8 +586,7 @@ def full_data_top1(h, val_loader, d, epochs):
     cfg.eval_every = max(1, epochs // 10)
     key = {"dataset": h.dataset, "student": h.student, "seed": h.seed, **recipe_record(h, cfg)}
     key.pop("repeats"), key.pop("lr_search")
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = os.path.join(common.cache_dir(), "full_data", f"{h.dataset}_{h.student}_{digest}.json")
+    path = os.path.join(common.cache_dir(), "full_data", f"{h.dataset}_{h.student}_{common.content_hash(key)}.json")
     if os.path.isfile(path):
         with open(path) as f:
             cached = json.load(f)

@@ -49,7 +49,6 @@ Deliberate deviations from the official code (docs/vlcp.md gives the reason for 
 """
 import argparse
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -160,51 +159,8 @@ def parse_args(argv=None):
     return common.apply_presets(p.parse_args(argv), PRESETS, DEFAULTS)
 
 
-# --- cache keys of stages 1-2 (shared across IPCs) --------------------------------------------------
-MODEL_FILES = (".json", ".txt", ".model", ".safetensors", ".bin")  # configs, tokenizers, weights
+# --- cache keys of stages 1-2 (shared across IPCs; hashing in common.py) -----------------------------
 SD_PARTS = ("model_index.json", "scheduler", "tokenizer", "text_encoder", "vae", "unet")  # what stage 2 loads
-
-
-def content_hash(obj):
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def file_digest(path):
-    """sha256 of a file's bytes, remembered under $DD_CACHE by (real path, size, mtime) so that a loop over
-    IPC reads a 14 GB LLaVA once."""
-    st = os.stat(path)
-    memo = common.cache_path("file_digests", [os.path.realpath(path), st.st_size, st.st_mtime_ns], ".txt")
-    if os.path.isfile(memo):
-        with open(memo) as f:
-            return f.read()
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    os.makedirs(os.path.dirname(memo), exist_ok=True)
-    with open(f"{memo}.tmp{os.getpid()}", "w") as f:
-        f.write(h.hexdigest())
-    os.replace(f"{memo}.tmp{os.getpid()}", memo)
-    return h.hexdigest()
-
-
-def model_files_hash(name, flag, index="config.json", parts=("",)):
-    """Which model `name` is, without loading it: a folder by the content of its config, tokenizer and
-    weight files (those directly in each of `parts`, files or sub-folders of `name`); a hub id by the
-    commit of its snapshot (offline: the cached one)."""
-    common.hub_check(name, flag, index)
-    if not os.path.isdir(name):
-        from huggingface_hub import hf_hub_download
-        return "hub commit " + os.path.basename(os.path.dirname(hf_hub_download(name, index)))
-    files = []
-    for part in parts:
-        p = os.path.join(name, part)
-        if os.path.isfile(p):
-            files.append(part)
-        elif os.path.isdir(p):
-            files += [os.path.join(part, f) for f in sorted(os.listdir(p))
-                      if f.endswith(MODEL_FILES) and os.path.isfile(os.path.join(p, f))]
-    return content_hash([(f, file_digest(os.path.join(name, f))) for f in files])
 
 
 # --- stage 1 helpers: captions ---------------------------------------------------------------------
@@ -570,14 +526,14 @@ def main(argv=None):
     selected = [i for idx in per_class for i in idx]
     keys = image_keys(train, args.dataset, classes)
     data_key = {"dataset": args.dataset, "data_path": os.path.abspath(args.data_path) if args.data_path else None,
-                "files": content_hash([[keys[i], int(targets[i])] for i in selected])}
+                "files": common.content_hash([[keys[i], int(targets[i])] for i in selected])}
     device_type = str(d.device).split(":")[0]  # fp16 on CUDA, fp32 elsewhere: other captions and models
     captions_path = args.captions or os.path.join(args.out, "captions.jsonl")
     if args.cache and not args.captions:
         # the captions depend on the images, the captioner, its prompt and sampling, not on IPC (nor on
         # the number of processes: whole batches go to ranks), so a loop over IPC captions once
         try:
-            captioner_files = model_files_hash(args.captioner, "--captioner")
+            captioner_files = common.model_files_hash(args.captioner, "--captioner")
         except common.UserError as e:
             raise common.UserError(f"{e}; the shared captions are keyed by the captioner's files (pass --captions "
                                    f"FILE to use a captions file without it)") from e
@@ -607,7 +563,7 @@ def main(argv=None):
         common.hub_check(args.model, "--model", "model_index.json")
     ft_dir = args.finetuned or args.out.rstrip("/") + "_sd"
     shared_ft = args.finetune_epochs > 0 and args.cache and not args.finetuned  # folder named in stage 2
-    base_files = model_files_hash(args.model, "--model", "model_index.json", SD_PARTS) if shared_ft else None
+    base_files = common.model_files_hash(args.model, "--model", "model_index.json", SD_PARTS) if shared_ft else None
     ft_settings = {k: getattr(args, k) for k in ("model", "dataset", "max_per_class", "finetune_epochs", "ft_res",
                                                  "ft_batch_size", "grad_accum", "ft_lr", "ft_max_steps", "ema_decay",
                                                  "mixed_precision", "seed")}
@@ -657,7 +613,7 @@ def main(argv=None):
         if shared_ft:  # the captions' content, the base model and every fine-tuning setting decide the model
             ft_dir = common.cache_path("vlcp_finetuned", {
                 **data_key, **ft_settings, "base_files": base_files, "world": d.world, "device": device_type,
-                "captions": content_hash([captions[keys[i]] for i in selected])}, "")
+                "captions": common.content_hash([captions[keys[i]] for i in selected])}, "")
             ft_record = os.path.join(ft_dir, "vlcp_finetune.json")
         sd_path = ft_dir
         ft_reused = finetune_record(ft_record) == ft_settings
