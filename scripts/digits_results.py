@@ -113,7 +113,8 @@ def main(argv=None):
     tiny = args.tiny_models or os.path.join(work, "tiny")
     if any(m in ("d4m", "vlcp", "dmkd") for m in args.methods) and not os.path.isdir(os.path.join(tiny, "llava")):
         run([sys.executable, "-m", "tests.tiny_models", tiny], env, os.path.join(work, "tiny_models.log"))
-    eval_flags = ["--protocol", args.protocol, "--repeats", str(args.repeats)]
+    # one recipe for every set and for random real: no method's own evaluation preset (--preset none)
+    eval_flags = ["--protocol", args.protocol, "--preset", "none", "--repeats", str(args.repeats)]
     eval_flags += ["--epochs", str(args.epochs or 2)] if (args.epochs or args.quick) else []
     results = {}
     for method in args.methods:

@@ -82,6 +82,11 @@ def tiny_llava(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def digits_conv3():
-    """The cached digits ConvNet-3 teacher (trained on first use)."""
+    """The cached digits ConvNet-3 teacher (trained on first use). Session fixtures are set up before the
+    autouse `_test_env`, so the test settings are applied here too: the teacher lands in TEST_ENV's
+    cache, where the tests and the scripts look for it, whatever $DD_CACHE the session started with."""
     import common
-    return common.digits_teacher("conv3")
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in TEST_ENV.items():
+            mp.setenv(k, v)
+        return common.digits_teacher("conv3")
