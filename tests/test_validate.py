@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import common
 from conftest import ROOT, run_script, script_env
