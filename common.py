@@ -10,6 +10,7 @@ import atexit
 import argparse
 import contextlib
 import datetime
+import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -927,6 +928,17 @@ def digits_teacher(arch, seed=0, epochs=DIGITS_TEACHER_EPOCHS, verbose=True):
     if os.path.isfile(path):
         load_state(model, path, "cached digits teacher")
         return freeze(model)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".lock", "a") as lock:  # two runs started together: one trains, the other waits and loads
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.isfile(path):
+            load_state(model, path, "cached digits teacher")
+            return freeze(model)
+        return _train_digits_teacher(arch, seed, epochs, path, verbose)
+
+
+def _train_digits_teacher(arch, seed, epochs, path, verbose):
+    """digits_teacher's training: SGD with one-cycle, random shifts, then the test accuracy and the cache file."""
     t0 = time.time()
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -949,7 +961,6 @@ def digits_teacher(arch, seed=0, epochs=DIGITS_TEACHER_EPOCHS, verbose=True):
     seconds = time.time() - t0
     acc = evaluate(freeze(model), torch.utils.data.DataLoader(
         real_dataset("digits", None, "val", T.Normalize(mean, std)), batch_size=256))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     atomic_torch_save({"model": model.state_dict(), "acc": acc, "seconds": seconds, "arch": arch,
                        "epochs": epochs, "seed": seed}, path)
     if verbose:

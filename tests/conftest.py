@@ -5,7 +5,11 @@ the real from_pretrained path).
 No global state is set at import: the environment of a script run is passed explicitly
 (`script_env`), and in-process tests get it from an autouse fixture that restores os.environ, the
 hub's offline switch and torch's thread count after every test, so that results never depend on
-which test module was imported or ran first."""
+which test module was imported or ran first.
+
+The suite runs on two pytest-xdist workers (pyproject's addopts: `-n 2`; `-n 0` for one process). Each
+worker, its in-process tests and the scripts it starts get an equal share of the cores as their thread
+count: oversubscribed OpenMP threads spin-wait and make a shared 2-core box several times slower."""
 import os
 import subprocess
 import sys
@@ -13,10 +17,13 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))  # set by pytest-xdist in its workers
+THREADS = max(1, len(os.sched_getaffinity(0)) // WORKERS)
 # what every script run and in-process test sees: an offline hub, and digits teachers cached once
 # per checkout (they are deterministic), not once per test
 TEST_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-            "DD_CACHE": os.environ.get("DD_CACHE") or os.path.join(ROOT, ".cache")}
+            "DD_CACHE": os.environ.get("DD_CACHE") or os.path.join(ROOT, ".cache"),
+            **({"OMP_NUM_THREADS": str(THREADS)} if WORKERS > 1 else {})}
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,6 +40,17 @@ def run_script(script, *args, check=True, timeout=900, env=None):
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _worker_threads():
+    """Under pytest-xdist, this worker's share of the cores as torch's thread count; restored at the end."""
+    import torch
+    threads = torch.get_num_threads()
+    if WORKERS > 1:
+        torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

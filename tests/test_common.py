@@ -1,8 +1,11 @@
 """common.py against independent computations: the digits split, the model zoo, the BN hook,
 checkpoint formats, the on-disk contract writer (atomic, resumable, refusing other runs)."""
 import argparse
+import fcntl
 import json
 import os
+import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -112,6 +115,28 @@ def test_digits_teacher_is_accurate_and_cached(digits_conv3):
     acc = common.evaluate(digits_conv3, torch.utils.data.DataLoader(val, batch_size=256))
     assert abs(acc - record["acc"]) < 1e-6
     assert not any(p.requires_grad for p in digits_conv3.parameters()) and not digits_conv3.training
+
+
+def test_a_teacher_another_run_is_training_is_waited_for_then_loaded(digits_conv3, tmp_path, monkeypatch, capsys):
+    """Two runs started together on a fresh cache: the second waits on <teacher>.lock while the first trains,
+    then loads the first one's file instead of training again."""
+    name = f"digits_conv3_seed0_ep{common.DIGITS_TEACHER_EPOCHS}.pt"
+    trained = os.path.join(common.cache_dir(), "teachers", name)
+    monkeypatch.setenv("DD_CACHE", str(tmp_path))
+    path = tmp_path / "teachers" / name
+    os.makedirs(path.parent)
+    got = {}
+    with open(str(path) + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # "the first run", training
+        waiter = threading.Thread(target=lambda: got.setdefault("model", common.digits_teacher("conv3")))
+        waiter.start()
+        waiter.join(1.0)
+        assert waiter.is_alive() and not path.exists()  # waiting, not training
+        shutil.copy(trained, path)  # the first run's file lands, then its lock goes
+    waiter.join(60)
+    assert not waiter.is_alive() and "trained digits teacher" not in capsys.readouterr().out
+    want, have = digits_conv3.state_dict(), got["model"].state_dict()
+    assert want.keys() == have.keys() and all(torch.equal(want[k], have[k]) for k in want)
 
 
 def _args(**kw):

@@ -192,7 +192,7 @@ def test_resume_after_an_interrupted_run(one_proc, tmp_path):
 def test_ranking_is_cached_by_data_and_teacher_so_an_ipc_loop_ranks_once(tmp_path):
     cache = tmp_path / "cache"  # a fresh $DD_CACHE holding only the digits teachers
     shutil.copytree(os.path.join(common.cache_dir(), "teachers"), cache / "teachers")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DD_CACHE": str(cache)}
+    env = script_env(OMP_NUM_THREADS="1", DD_CACHE=str(cache))
     small = ["--iterations", "10", "--round-itr", "10", "--batch-size", "10", "--no-eval"]
     records = []
     for ipc in (1, 2):

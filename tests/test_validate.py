@@ -160,10 +160,13 @@ def test_torchrun_two_processes_train(digits_set, digits_conv3, tmp_path):
 
 
 def _expect_error(args, match):
-    proc = run_script("validate_fkd.py", *args, check=False)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = [l for l in proc.stderr.strip().splitlines() if l.startswith("error:")]
-    assert len(lines) == 1 and match in lines[0], proc.stderr[-2000:]
+    """validate_fkd refuses with one sentence naming the problem; in-process (how the CLI prints a
+    UserError, one line and exit 2, is tested on script runs in tests/test_reliability.py)."""
+    import validate_fkd
+    with pytest.raises(common.UserError) as refused:
+        validate_fkd.main(list(args))
+    sentence = common.user_sentence(refused.value)
+    assert match in sentence and "\n" not in sentence, sentence
 
 
 def test_bad_sets_are_refused(digits_set, tmp_path):
@@ -324,8 +327,7 @@ def test_lrs_json_on_digits(digits_set, digits_conv3, tmp_path, monkeypatch):
     out = str(tmp_path / "lrs.json")
     cmd = [sys.executable, os.path.join(ROOT, "validate_fkd.py"), "--syn-data-path", digits_set, "--epochs", "1",
            "--eval-every", "1", "--repeats", "2", "--lrs", "--hard-epochs", "1", "--full-epochs", "1", "--out", out]
-    env = {**os.environ, "DD_CACHE": str(cache)}
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=script_env(DD_CACHE=str(cache)))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rec = json.load(open(out))
     m = rec["metrics"]
