@@ -6,6 +6,7 @@ from this script; rerun it when the code they measure changes.
 
   uv run python scripts/time_quickstart.py                        # `uv run python delt.py` (minutes)
   uv run python scripts/time_quickstart.py --suite                # also `uv run pytest -q` (about 10 minutes or more)
+  uv run python scripts/time_quickstart.py --help-times --no-delt  # `<script> --help` against `import torch` alone
 """
 import argparse
 import os
@@ -19,14 +20,33 @@ sys.path.insert(0, ROOT)
 import common  # noqa: E402
 
 
+SCRIPTS = ("delt.py", "infer_ufc.py", "d4m.py", "vlcp.py", "dmkd.py", "validate_fkd.py")
+
+
+def timed(cmd):
+    """Wall seconds of one run of `cmd` (output discarded; a failure stops the script)."""
+    t0 = time.perf_counter()
+    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--suite", action="store_true", help="also time the whole test suite (`uv run pytest -q`)")
     p.add_argument("--keep-cache", action="store_true",
                    help="use the current $DD_CACHE instead of a fresh one (the digits teacher is then not trained)")
+    p.add_argument("--help-times", action="store_true",
+                   help="time every script's --help (best of 3) against `python -c 'import torch'`")
+    p.add_argument("--no-delt", action="store_true", help="skip `uv run python delt.py`")
     args = common.document_defaults(p).parse_args(argv)
     import torch
-    commands = [["uv", "run", "python", "delt.py", "--out", "runs/time_quickstart_delt", "--overwrite"]]
+    if args.help_times:
+        best = lambda cmd: min(timed(cmd) for _ in range(3))  # noqa: E731
+        print(f"python -c 'import torch': {best([sys.executable, '-c', 'import torch']):.2f} s (best of 3)")
+        for script in SCRIPTS:
+            print(f"python {script} --help: {best([sys.executable, script, '--help']):.2f} s (best of 3)")
+    commands = [] if args.no_delt else [["uv", "run", "python", "delt.py", "--out", "runs/time_quickstart_delt",
+                                         "--overwrite"]]
     if args.suite:
         commands.append(["uv", "run", "pytest", "-q"])
     with tempfile.TemporaryDirectory() as fresh:
