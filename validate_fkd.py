@@ -54,9 +54,10 @@ import tempfile
 
 import numpy as np
 import torch
-from torchvision.transforms import v2 as T
 
 import common
+
+T = common.lazy_module("torchvision.transforms.v2")  # imported on first use: --help does not pay for it
 
 PROTOCOL_LABELS = {"rded": "teacher", "fkd": "fkd", "static": "static", "hard": "hard"}
 

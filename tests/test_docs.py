@@ -7,6 +7,8 @@ import importlib.util
 import os
 import re
 import shlex
+import subprocess
+import sys
 from unittest import mock
 
 import pytest
@@ -117,3 +119,17 @@ def test_every_shell_example_names_a_real_script_and_real_flags(doc, cmd):
     for t in rest:
         if t.startswith("--"):
             assert t.split("=")[0] in known, f"{doc}: {script} has no flag {t}: {cmd}"
+
+
+def test_help_loads_no_torchvision_and_no_generator_library():
+    """`<script> --help` and argument errors pay for torch's import only: torchvision (which pulls in
+    torch._dynamo), diffusers, transformers and scikit-learn are imported where they are first used."""
+    heavy = ("torchvision", "diffusers", "transformers", "sklearn", "timm")
+    for script in SCRIPTS[:6]:
+        code = (f"import runpy, sys; sys.argv = [{script!r}, '--help']\n"
+                f"try: runpy.run_path({script!r}, run_name='__main__')\n"
+                f"except SystemExit: pass\n"
+                f"print('LOADED', sorted({{m.split('.')[0] for m in sys.modules}} & set({heavy!r})))")
+        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.strip().splitlines()[-1] == "LOADED []", (script, proc.stdout[-500:])
