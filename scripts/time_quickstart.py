@@ -45,14 +45,14 @@ def main(argv=None):
         print(f"python -c 'import torch': {best([sys.executable, '-c', 'import torch']):.2f} s (best of 3)")
         for script in SCRIPTS:
             print(f"python {script} --help: {best([sys.executable, script, '--help']):.2f} s (best of 3)")
-    commands = [] if args.no_delt else [["uv", "run", "python", "delt.py", "--out", "runs/time_quickstart_delt",
-                                         "--overwrite"]]
-    if args.suite:
-        commands.append(["uv", "run", "pytest", "-q"])
     with tempfile.TemporaryDirectory() as fresh:
+        # a new output folder every time: an existing one holding the same run would resume and skip the work
+        commands = [] if args.no_delt else [["uv", "run", "python", "delt.py", "--out", os.path.join(fresh, "delt")]]
+        if args.suite:
+            commands.append(["uv", "run", "pytest", "-q"])
         env = dict(os.environ)
         if not args.keep_cache:
-            env["DD_CACHE"] = fresh
+            env["DD_CACHE"] = os.path.join(fresh, "cache")
         for cmd in commands:
             t0 = time.time()
             proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
