@@ -308,7 +308,7 @@ def main(argv=None):
         paths = [os.path.relpath(p, train.root) for p, _ in train.samples] if hasattr(train, "samples") else None
         cache = common.cache_path("d4m_latents", {
             "dataset": args.dataset, "data_path": os.path.abspath(args.data_path) if args.data_path else None,
-            "files": common.cache_path("", [paths, targets.tolist()], ""), "vae": common.weights_hash(pipe.vae),
+            "files": common.content_hash([paths, targets.tolist()]), "vae": common.weights_hash(pipe.vae),
             "dtype": str(pipe.vae.dtype), "size": args.size, "latent": args.latent, "seed": args.seed}, "")
         cached = {c for c in todo if args.latent_cache and os.path.isfile(os.path.join(cache, f"{c:05d}.pt"))}
         run.record["latent_cache"] = {"path": cache if args.latent_cache else None, "reused_classes": len(cached)}

@@ -502,7 +502,7 @@ def main(argv=None):
         # (dataset, its files, teacher, the teacher's weights, normalisation), so a loop over IPC ranks once
         ranking = args.ranking_file or common.cache_path("delt_ranking", {
             "dataset": args.dataset, "data_path": os.path.abspath(args.data_path) if args.data_path else None,
-            "files": common.cache_path("", [paths, targets], ""), "teacher": args.teacher,
+            "files": common.content_hash([paths, targets]), "teacher": args.teacher,
             "weights": common.weights_hash(teacher), "mean": list(mean), "std": list(std), "size": size}, ".csv")
         with run.stage("selection", items=sum(len(by_class[c]) for c in my_classes)):
             ranking_reused = os.path.isfile(ranking)
