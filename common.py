@@ -392,7 +392,9 @@ def check_classes_json(folder, classes, what="the set"):
 # ----------------------------------------------------------------------------------------------
 class ConvNet(nn.Module):
     """ConvNet-D (RDED/DELT): D x [conv3x3 width 128 -> BatchNorm -> ReLU -> AvgPool 2]; linear.
-    BatchNorm, not the instance norm of the classic DC ConvNet, so BN matching works."""
+    BatchNorm, not the instance norm of the classic DC ConvNet, so BN matching works; a checkpoint of
+    the instance-norm variant (DD-Ranking's default "ConvNet-D") is loaded by load_state into
+    instance_norm()'s copy."""
 
     def __init__(self, depth, num_classes, size=32, width=128):
         super().__init__()
@@ -409,6 +411,14 @@ class ConvNet(nn.Module):
     def forward(self, x):
         return self.fc(self.features(x).flatten(1))
 
+    def instance_norm(self):
+        """Every BatchNorm replaced by GroupNorm(C, C, affine=True), i.e. affine instance norm, as
+        DD-Ranking builds "instancenorm" (NUS-HPC-AI-Lab/DD-Ranking@b8b0966:ddranking/utils/networks.py:70-71)."""
+        for i, m in enumerate(self.features):
+            if isinstance(m, nn.BatchNorm2d):
+                self.features[i] = nn.GroupNorm(m.num_features, m.num_features, affine=True)
+        return self
+
 
 def _modified_stem(model):
     """CIFAR/Tiny ResNet: 3x3 stride-1 bias-free conv1, no max-pool (LINs-lab/RDED@3f6453d:README.md teachers, VILA-Lab/DELT@f2f81ca:recover/models.py)."""
@@ -419,7 +429,8 @@ def _modified_stem(model):
 
 ARCHS = ("conv3", "conv4", "conv5", "conv6", "resnet18_modified", "resnet50_modified",
          "resnet101_modified", "resnet18", "resnet50", "resnet101", "mobilenet_v2", "efficientnet_b0",
-         "mobilenet_v2_cifar", "efficientnet_b0_cifar", "shufflenet_g2", "resnet_ap10")
+         "mobilenet_v2_cifar", "efficientnet_b0_cifar", "shufflenet_g2", "resnet_ap10",
+         "cifarresnet18", "cifarresnet34", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2")
 
 
 def build_model(arch, num_classes, size=32):
@@ -436,6 +447,13 @@ def build_model(arch, num_classes, size=32):
         return extra[arch](num_classes)
     if arch == "resnet_ap10":
         return ResNetAP(num_classes, depth=10, im_size=size)
+    if arch in ("cifarresnet18", "cifarresnet34"):  # DM-KD: resnet*_modified without the stem ReLU
+        model = _modified_stem(torchvision.models.get_model(f"resnet{arch[11:]}", weights=None, num_classes=num_classes))
+        model.relu = nn.Identity()  # the stem's alone: each torchvision block has its own ReLU
+        return model
+    if arch.startswith("wrn_"):
+        depth, widen = map(int, arch[4:].split("_"))
+        return WideResNet(depth, widen, num_classes)
     raise UserError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
 
 
@@ -605,6 +623,47 @@ class ShuffleNetG2(nn.Module):
         return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
+# ---------------------------------------------------------------- DM-KD's CIFAR-100 nets
+# cifarresnet18/34 (zhengli97/DM-KD@bbab9ce:models/cifar_resnet.py:208-254): torchvision's key layout
+# (conv1, bn1, layerN.i.{conv,bn}{1,2}, downsample.{0,1}, fc) and a 3x3 stride-1 stem without max-pool,
+# but NO ReLU after the stem BN (:233-234): built in build_model from resnet*_modified. A DM-KD checkpoint
+# also loads strictly into resnet18_modified (same keys) but gives other logits there.
+# WRN-d-k (DM-KD@bbab9ce:models/wrn.py:13-158, Wei Yang's pre-activation WRN), in its key layout.
+class WRNBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.bn1, self.conv1 = _bn(cin), nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2, self.conv2 = _bn(cout), nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        # a channel change takes the 1x1 shortcut from the pre-activated input (wrn.py:26-38)
+        self.convShortcut = nn.Conv2d(cin, cout, 1, stride, bias=False) if cin != cout else None
+
+    def forward(self, x):
+        pre = F.relu(self.bn1(x))
+        out = self.conv2(F.relu(self.bn2(self.conv1(pre))))
+        return out + (x if self.convShortcut is None else self.convShortcut(pre))
+
+
+class WideResNet(nn.Module):
+    def __init__(self, depth, widen, num_classes):
+        super().__init__()
+        n, ch = (depth - 4) // 6, [16, 16 * widen, 32 * widen, 64 * widen]
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        for g in range(3):  # blockG.layer.i: its NetworkBlock's Sequential
+            blocks = [WRNBlock(ch[g] if i == 0 else ch[g + 1], ch[g + 1], (1 if g == 0 else 2) if i == 0 else 1)
+                      for i in range(n)]
+            setattr(self, f"block{g + 1}", nn.ModuleDict({"layer": nn.Sequential(*blocks)}))
+        self.bn1, self.fc = _bn(ch[3]), nn.Linear(ch[3], num_classes)
+        for m in self.modules():  # wrn.py:78-86
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        out = self.block3["layer"](self.block2["layer"](self.block1["layer"](self.conv1(x))))
+        return self.fc(F.adaptive_avg_pool2d(F.relu(self.bn1(out)), 1).flatten(1))  # = avg_pool2d(8) at 32 px
+
+
 # ---------------------------------------------------------------- ResNetAP (IDC protocol)
 def _norm(c, norm):
     if norm == 'instance':
@@ -700,6 +759,8 @@ def load_state(model, path, what="checkpoint"):
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
     if isinstance(model, ConvNet):
         sd = convnet_keys(sd)
+        if not any(k.endswith("running_mean") for k in sd):  # no BN statistics: the instance-norm ConvNet
+            model.instance_norm()
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -1859,12 +1920,15 @@ def lr_factor(schedule, epoch, epochs, milestones=(), gamma=0.1):
     raise UserError(f"unknown LR schedule {schedule!r}")
 
 
-def make_optimizer(model, name, lr, weight_decay, momentum=0.9):
-    """AdamW with decay only on weights of ndim > 1 (as the RDED/SRe2L/D4M code), or SGD."""
+def make_optimizer(model, name, lr, weight_decay, momentum=0.9, decay="weights"):
+    """AdamW with decay only on weights of ndim > 1 (decay "weights", as the RDED/SRe2L/D4M code) or on
+    every parameter (decay "all": INFER's AdamW(model.parameters()), zhangxin-xd/UFC@83d19f8:
+    ufc_validation/val_static.py:234), or SGD (decay on every parameter)."""
     if name == "adamw":
-        decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-        rest = [p for n, p in model.named_parameters() if p.ndim <= 1]
-        return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+        every = decay == "all"
+        decayed = [p for n, p in model.named_parameters() if p.ndim > 1 or every]
+        rest = [p for n, p in model.named_parameters() if p.ndim <= 1 and not every]
+        return torch.optim.AdamW([{"params": decayed, "weight_decay": weight_decay},
                                   {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.999))
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -1987,6 +2051,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     momentum: float = 0.9
     schedule: str = "cosine"  # cosine | quarter | step | constant
+    decay: str = "weights"  # AdamW decays: weights (ndim > 1) | all (make_optimizer)
     milestones: tuple = ()
     gamma: float = 0.1
     temperature: float = 20.0
@@ -2015,7 +2080,7 @@ def train_student(student, cfg, val_loader, device, train_set=None, teacher=None
     if cuda:
         student = student.to(memory_format=torch.channels_last)
     model = nn.parallel.DistributedDataParallel(student, device_ids=[d.local_rank] if cuda else None) if d.world > 1 else student
-    opt = make_optimizer(student, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum)
+    opt = make_optimizer(student, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, cfg.decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: lr_factor(cfg.schedule, e, cfg.epochs, cfg.milestones, cfg.gamma))
     if static_labels is not None:
         static_labels = static_labels.float().to(device)
