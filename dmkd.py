@@ -83,7 +83,9 @@ PRESETS = {
     "imagenet100": dict(_IMAGENET_KD, ipc=200, student="resnet50"),
     "imagenette": dict(_IMAGENET_KD, ipc=200),
     "imagewoof": dict(_IMAGENET_KD, ipc=200),
-    "cifar100": dict(_CIFAR_KD, ipc=500),        # '50k' data option; CIFAR amount UNVERIFIED (DMKD:AIGC_generate.py, DMKD:dataset/cifar100.py:81-94)
+    # '50k' data option; CIFAR amount UNVERIFIED (DMKD:AIGC_generate.py, DMKD:dataset/cifar100.py:81-94); the pair
+    # RN-34 -> RN-18 of the README's CIFAR-100 table, DM-KD's own CIFAR ResNets (DMKD:models/__init__.py, cifar_resnet.py)
+    "cifar100": dict(_CIFAR_KD, ipc=500, teacher="cifarresnet34", student="cifarresnet18"),
     "cifar10": dict(_CIFAR_KD, ipc=5000),        # not published: our choice, 50K as for CIFAR-100
     "tiny": dict(_CIFAR_KD, ipc=250),            # not in the paper: our choice, CIFAR recipe at 64 px
     # not published: our choice, small enough for CPU minutes; lr 0.02 as the official small students
@@ -416,6 +418,8 @@ def main(argv=None):
                 images = synthesize(pipe, jobs, args, resolution)
                 for i, c in enumerate(batch):
                     run.write_class(c, images[i * args.ipc:(i + 1) * args.ipc])
+        mean, std, why = kd_norm(args)  # read back by validate_fkd --preset auto (the teacher's inputs)
+        run.record["teacher_norm"] = {"mean": list(mean), "std": list(std), "source": why}
         run.record["dit"] = {"model": args.model, "scheduler": pipe.scheduler.__class__.__name__,
                              "scheduler_config": dict(pipe.scheduler.config), "class_ids": ids,
                              "guidance_scale": args.guidance_scale, "steps": args.steps,
@@ -456,12 +460,25 @@ def main(argv=None):
             print(f"dmkd {args.dataset}: {len(train_set)} images -> student {args.student} top-1 best "
                   f"{result['best']:.2f} last {result['last']:.2f} (teacher {args.teacher} {teacher_top1:.2f})")
 
-    # --- optional: the collection's common yardstick on the synthetic set ---
-    if args.eval and synth and d.main:
+    # --- optional: the collection's record of the set, by validate_fkd.py with DM-KD's preset: the same teacher,
+    # normalisation and KD recipe as stage 2, written to <set>/eval_<protocol>.json like every method's ---
+    if args.eval and d.main:
         import validate_fkd
-        validate_fkd.main(["--syn-data-path", args.out, "--dataset", args.dataset, "--protocol", args.eval_protocol,
-                           "--ipc", str(args.ipc), "--device", d.device, "--workers", str(args.workers)]
-                          + (["--data-path", args.data_path] if args.data_path else []))
+        folder = args.syn_data_path or args.out
+        mean, std, _ = kd_norm(args)
+        argv = ["--syn-data-path", folder, "--dataset", args.dataset, "--protocol", args.eval_protocol, "--preset", "dmkd",
+                "--teacher", args.teacher, "--student", args.student, "--mean", *map(str, mean), "--std", *map(str, std),
+                "--device", str(d.device), "--workers", str(args.workers), "--seed", str(args.seed)]
+        argv += ["--ipc", str(args.ipc)] if synth else []
+        argv += ["--data-path", args.data_path] if args.data_path else []
+        argv += ["--teacher-path", args.teacher_path] if args.teacher_path else []
+        if args.eval_protocol == "rded":  # stage 2's recipe, value for value
+            argv += ["--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--optimizer", "sgd",
+                     "--lr", str(args.lr), "--weight-decay", str(args.weight_decay), "--schedule", "step",
+                     "--milestones", args.milestones, "--gamma", "0.1", "--temperature", str(args.temperature),
+                     "--t-squared", "1", "--mix", args.aug, "--alpha", str(args.mix_alpha or 1.0), "--crop", args.crop,
+                     "--min-scale", "0.08", "--factor", "1", "--flip", "1", "--eval-every", str(args.eval_every), "--eval-from", "0"]
+        validate_fkd.main(argv)
 
 
 if __name__ == "__main__":

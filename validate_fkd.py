@@ -71,8 +71,9 @@ PROTOCOLS = {
     "fkd": dict(  # SRe2L train_FKD.sh / D4M validate/train_FKD.sh: T=20, AdamW 1e-3, full cosine
         temperature=20.0, t_squared=False, optimizer="adamw", lr=1e-3, weight_decay=0.01, schedule="cosine",
         epochs=300, eval_every=50, eval_from=0.0, flip=True, test_view="ratio"),
-    "static": dict(  # INFER val_static.py: AdamW 1e-3/0.01 (hard-coded), cosine, mixup 0.8, T=30, 400 ep, bs 64
-        temperature=30.0, t_squared=False, mix="mixup", alpha=0.8, optimizer="adamw", lr=1e-3, weight_decay=0.01,
+    "static": dict(  # INFER val_static.py: AdamW 1e-3/0.01 (hard-coded), cosine, mixup 0.8, T=30, 400 ep, bs 64;
+        # the AdamW decays every parameter, BN and biases too (UFC:ufc_validation/val_static.py:234, val_dyn.py:212)
+        temperature=30.0, t_squared=False, mix="mixup", alpha=0.8, optimizer="adamw", lr=1e-3, weight_decay=0.01, decay="all",
         schedule="cosine", epochs=400, batch_size=64, crop="pad", eval_every=10, eval_from=0.0, flip=True,
         test_view="ratio"),
     "hard": dict(  # Minimax train.py: SGD 0.01 m0.9 wd 5e-4, bs 64, MultiStep [2E/3, 5E/6] x0.2, cutmix p=1 beta=1
@@ -97,14 +98,18 @@ DATASET_PRESETS = {
 # --preset auto reads the method from the set's run.json). "protocol": the method's protocol, per
 # dataset where it differs; then {dataset or "all": {protocol: values}}, applied over the presets above.
 SMALL, IMAGENET_LIKE = ("cifar10", "cifar100", "tiny"), ("imagenette", "imagewoof", "imagenet100", "imagenet")
+_DMKD_KD = dict(t_squared=1, mix="none", optimizer="sgd", schedule="step", gamma=0.1, eval_every=1, eval_from=0.0,
+                flip=True, norm="dataset")
 METHOD_PRESETS = {
     # RDED's own scripts (LINs-lab/RDED@3f6453d:scripts/*.sh:4,9): --factor 1 on CIFAR and Tiny, 2 on the
     # ImageNet sets; --re-epochs 300
     "rded": {"protocol": "rded",
              **{d: {"rded": dict(epochs=300, factor=1 if d in SMALL else 2)} for d in SMALL + IMAGENET_LIKE}},
     # DELT's validation scripts (VILA-Lab/DELT@f2f81ca:scripts/resnet18_imagenet1k_validation.sh:14,28-31,36):
-    # RandAugment m6-n2-mstd1.0, RRC scale (0.25, 1), no ShufflePatches, 300 epochs; seeds 3407/4663/2897 (3 runs)
-    "delt": {"protocol": "rded", "all": {"rded": dict(rand_augment="rand-m6-n2-mstd1.0", min_scale=0.25, factor=1)},
+    # RandAugment m6-n2-mstd1.0, RRC scale (0.25, 1), no ShufflePatches, 300 epochs; seeds 3407/4663/2897 (3 runs);
+    # tested at epoch 0, every 10 epochs and the last (D:evaluation/validation/main.py:195), not only in the last 20 %
+    "delt": {"protocol": "rded", "all": {"rded": dict(rand_augment="rand-m6-n2-mstd1.0", min_scale=0.25, factor=1,
+                                                      eval_every=10, eval_from=0.0)},
              **{d: {"rded": dict(epochs=300, repeats=3)} for d in SMALL + IMAGENET_LIKE}},
     # VLCP: RDED's validation copied into zou-yawen/Dataset-Distillation-via-Vision-Language-Category-Prototype
     # @d0060eb4:04_evaluation/RDED/*.sh (--re-epochs 500 :9/:27; --factor 1 CIFAR, 2 Tiny and ImageNet-1K) and
@@ -116,12 +121,40 @@ METHOD_PRESETS = {
     # D4M: training-time matching replayed (suduo94/D4M@da35d10:validate/train_FKD.sh: 300 epochs, T 20, AdamW
     # 1e-3 cosine = the fkd protocol); a set without stored labels falls back to rded (online teacher)
     "d4m": {"protocol": "fkd", "imagenet": {"fkd": dict(epochs=300)}},
-    # INFER: static labels; CIFAR = the static protocol (UFC README: 400 epochs, batch 64). ImageNet: not published:
-    # our choice, the nearest published ImageNet soft-label recipe, DWA's (INFER's base code; AngusDujw/
-    # Diversity-Driven-Synthesis@af95cfc:validation/validation_imgnet.py: RRC 224 scale (0.08, 1) + flip, AdamW
-    # 1e-3 / 0.01, full cosine, 300 epochs; batch 128 in scripts/run_imgnet.sh), with INFER's mixup + T=30 labels
-    "infer": {"protocol": "static",
-              "imagenet": {"static": dict(epochs=300, batch_size=128, crop="rrc", min_scale=0.08, norm="imagenet")}},
+    # INFER: static labels; CIFAR = the static protocol (UFC README: 400 epochs, batch 64), CIFAR-100 normalised with
+    # its own statistics (UFC:ufc_validation/val_static.py:77-91); the teachers (CIFAR: the four-net ensemble) and the
+    # normalisation they saw are read from the set's run.json. ImageNet and its subsets: not published: our choice,
+    # the nearest published ImageNet soft-label recipe, DWA's (INFER's base code; AngusDujw/Diversity-Driven-Synthesis
+    # @c5b125f:validation/validation_imgnet.py:38,82-83,147-150: 300 epochs, RRC 224 scale (0.08, 1) + flip, AdamW
+    # 1e-3 / 0.01, full cosine; batch 128 in scripts/run_imgnet.sh:13), with INFER's mixup + T=30 labels. Tiny: not
+    # published: our choice, the CIFAR recipe at 64 px.
+    "infer": {"protocol": "static", "teachers_from_run": True,
+              "stats": {"cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761),
+                                     "CIFAR-100 statistics (INFER: UFC:ufc_validation/val_static.py:77-91)")},
+              "unpublished": {d: "not published: our choice (INFER released CIFAR evaluation only; "
+                                 + ("DWA's ImageNet recipe with INFER's static labels)" if d != "tiny" else
+                                    "INFER's CIFAR recipe at 64 px)") for d in ("tiny", *IMAGENET_LIKE)},
+              **{d: {"static": dict(epochs=300, batch_size=128, crop="rrc", min_scale=0.08, norm="imagenet")}
+                 for d in IMAGENET_LIKE}},
+    # DM-KD: its own KD recipe (zhengli97/DM-KD@bbab9ce): the teacher's soft labels online (the rded protocol's labels),
+    # KL x T^2 (distiller_zoo/KD.py:13-19, helper/loops.py:154-160), no mixing (--use_aug none), SGD momentum 0.9
+    # (train_student.py:286-289) with step decay x0.1 (helper/util.py:21-27), RandomCrop(32, pad 4) + flip and
+    # DM-KD's CIFAR-100 statistics (dataset/cifar100.py:81-108), tested every epoch. ImageNet: scripts/
+    # imagenet_distill.sh (100 epochs, batch 256, lr 0.1, milestones 30/60/90, wd 1e-4, T 10, RRC 224 + flip);
+    # CIFAR-100: train_student.py argparse defaults (240 epochs, batch 128, lr 0.1, milestones 150/180/210, wd 5e-4,
+    # T 4). The teacher and its normalisation are read from the set's run.json (dmkd.py records them).
+    "dmkd": {"protocol": "rded", "teachers_from_run": True,
+             "stats": {"cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761),
+                                    "CIFAR-100 statistics (DM-KD: dataset/cifar100.py:81-108)")},
+             "unpublished": {d: "not published: our choice (DM-KD's " + ("CIFAR-100" if d in SMALL else "ImageNet")
+                                + " recipe)" for d in ("cifar10", "tiny", "imagenette", "imagewoof", "imagenet100")},
+             # digits: dmkd.py's digits preset (not published: our choice)
+             "digits": {"rded": dict(_DMKD_KD, crop="pad", epochs=30, batch_size=64, lr=0.02, weight_decay=5e-4,
+                                     milestones="20,25", temperature=4.0, eval_every=5)},
+             **{d: {"rded": dict(_DMKD_KD, crop="pad", epochs=240, batch_size=128, lr=0.1, weight_decay=5e-4,
+                                 milestones="150,180,210", temperature=4.0)} for d in SMALL},
+             **{d: {"rded": dict(_DMKD_KD, crop="rrc", min_scale=0.08, factor=1, epochs=100, batch_size=256, lr=0.1,
+                                 weight_decay=1e-4, milestones="30,60,90", temperature=10.0)} for d in IMAGENET_LIKE}},
 }
 METHOD_SCRIPTS = {"delt.py": "delt", "d4m.py": "d4m", "vlcp.py": "vlcp", "infer_ufc.py": "infer", "dmkd.py": "dmkd"}
 # RDED's student LR table (R:argument.py); CIFAR-100 conv3 -> conv3 uses 2e-3 with batch 25
@@ -153,8 +186,9 @@ def rded_batch_size(ipc, num_classes, dataset, student):
 
 
 def minimax_epochs(ipc, num_classes):
-    """Minimax epochs (argument.py): 10 classes 3000/2000/1500 for IPC 1/<=10/<=50; 100 classes 2/3 of it."""
-    e = 3000 if ipc <= 1 else 2000 if ipc <= 10 else 1500
+    """Minimax epochs (VLCP:04_evaluation/Minimax/argument.py:18-43, factor 1): 3000 / 2000 / 1500 / 1000 / 500 /
+    300 for IPC 1 / <=10 / <=50 / <=200 / <=500 / above; 100 classes 2/3 of it, rounded down to hundreds."""
+    e = 3000 if ipc <= 1 else 2000 if ipc <= 10 else 1500 if ipc <= 50 else 1000 if ipc <= 200 else 500 if ipc <= 500 else 300
     return e if num_classes <= 10 else int(e * 2 / 3) // 100 * 100
 
 
@@ -211,7 +245,9 @@ def build_parser():
     g.add_argument("--batch-size", type=int, default=None, help="global batch size")
     g.add_argument("--optimizer", default=None, choices=("adamw", "sgd"), help="optimizer")
     g.add_argument("--lr", type=float, default=None, help="learning rate")
-    g.add_argument("--weight-decay", type=float, default=None, help="weight decay (AdamW: weights with ndim > 1 only)")
+    g.add_argument("--weight-decay", type=float, default=None, help="weight decay (AdamW: see --decay)")
+    g.add_argument("--decay", default=None, choices=("weights", "all"),
+                   help="what AdamW decays: weights = ndim > 1 only (RDED/SRe2L/D4M), all = every parameter (INFER)")
     g.add_argument("--schedule", default=None, choices=("cosine", "quarter", "step", "constant"), help="per-epoch LR shape")
     g.add_argument("--milestones", default=None, help="comma list of epochs for --schedule step")
     g.add_argument("--gamma", type=float, default=None, help="step decay factor")
@@ -299,6 +335,20 @@ def resolve(args, method=None):
     ds = DATASET_PRESETS.get(args.dataset, {})
     explicit_norm = args.norm
     mp = METHOD_PRESETS.get(method, {})
+    # INFER's ensemble and DM-KD's teacher (and student), with the normalisation they were used with, are part of
+    # the set's recipe: taken from its run.json unless given as flags
+    run_norm = None
+    if mp.get("teachers_from_run"):
+        rec, _ = set_record(args.syn_data_path)
+        made = (rec or {}).get("args") or {}
+        if args.teacher is None and made.get("teacher"):
+            args.teacher, args.teacher_path = made["teacher"], args.teacher_path or made.get("teacher_path")
+        if method == "dmkd" and args.student is None and made.get("student"):
+            args.student = made["student"]
+        tn = (rec or {}).get("teacher_norm") or {}
+        if tn.get("mean") and tn.get("std"):
+            run_norm = (tuple(tn["mean"]), tuple(tn["std"]), f"the set's run.json ({tn.get('source', 'teacher_norm')})")
+    args.preset_note = mp.get("unpublished", {}).get(args.dataset)
     preset = {**PROTOCOLS[args.protocol], **ds.get("all", {}), **ds.get(args.protocol, {}),
               **mp.get("all", {}).get(args.protocol, {}), **mp.get(args.dataset, {}).get(args.protocol, {})}
     for k, v in preset.items():
@@ -326,6 +376,8 @@ def resolve(args, method=None):
     norm = ((info.mean, info.std, f"{args.dataset} statistics ({'--norm' if explicit_norm else 'preset'} dataset)")
             if args.norm == "dataset" else
             (common.IMAGENET_MEAN, common.IMAGENET_STD, f"ImageNet statistics ({'--norm' if explicit_norm else 'preset'} imagenet)"))
+    if not explicit_norm:  # the set's record, else the method's own constants (INFER's, DM-KD's CIFAR-100 statistics)
+        norm = run_norm or mp.get("stats", {}).get(args.dataset) or norm
     # a teacher checkpoint that says what it expects (RDED's ConvNet layout, stored mean/std) beats the preset,
     # an explicit --norm or --mean/--std beats both
     paths = (args.teacher_path or "").split(",") if args.label_mode != "hard" and not explicit_norm else []
@@ -343,7 +395,7 @@ def recipe_for(args, ipc, n_images):
     eval_every = args.eval_every or max(1, epochs // 100)
     return common.TrainConfig(labels=args.label_mode, epochs=epochs, batch_size=min(bs, n_images),
                               optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
-                              schedule=args.schedule, milestones=tuple(milestones), gamma=args.gamma,
+                              decay=args.decay or "weights", schedule=args.schedule, milestones=tuple(milestones), gamma=args.gamma,
                               temperature=args.temperature or 1.0, t_squared=bool(args.t_squared),
                               mix=args.mix or "none", alpha=args.alpha or 1.0, eval_every=eval_every,
                               eval_from=args.eval_from, seed=args.seed, workers=args.workers, precision=args.precision)
@@ -709,15 +761,17 @@ def main(argv=None):
     folder = args.syn_data_path.rstrip("/") if args.syn_data_path else None
     fkd_dir = folder  # stored FKD labels are files in the set's root (common.fkd_path; the old fkd/ folder is read too)
     preset_line = (f"preset: {method or 'none'} ({source}); protocol {args.protocol}; inputs normalised with "
-                   f"mean {[round(m, 4) for m in args.mean]} std {[round(v, 4) for v in args.std]} ({args.norm_source})")
+                   f"mean {[round(m, 4) for m in args.mean]} std {[round(v, 4) for v in args.std]} ({args.norm_source})"
+                   + (f"; {args.dataset} recipe: {args.preset_note}" if args.preset_note else ""))
 
     # --- dry run: the resolved recipe, nothing loaded or trained ---
     if args.dry_run:
         ipc = args.ipc or (class_folders_ipc(folder) if folder else args.random_real)
         cfg = recipe_for(args, ipc, ipc * info.num_classes)
-        resolved = {"preset": method, "preset_source": source, "protocol": args.protocol, "label_mode": args.label_mode,
-                    "dataset": args.dataset, "ipc": ipc, "student": args.student,
-                    "teacher": None if args.label_mode == "hard" else args.teacher, "recipe": recipe_record(args, cfg)}
+        resolved = {"preset": method, "preset_source": source, "preset_note": args.preset_note, "protocol": args.protocol,
+                    "label_mode": args.label_mode, "dataset": args.dataset, "ipc": ipc, "student": args.student,
+                    "teacher": None if args.label_mode == "hard" else args.teacher,
+                    "teacher_path": None if args.label_mode == "hard" else args.teacher_path, "recipe": recipe_record(args, cfg)}
         print(preset_line)
         for k, v in {**{k: v for k, v in resolved.items() if k != "recipe"}, **resolved["recipe"]}.items():
             print(f"  {k:14s} {json.dumps(v)}")
@@ -748,7 +802,7 @@ def main(argv=None):
     # --- labels: teachers (online, static) or stored ---
     teacher = load_teachers(args, d.device) if args.label_mode in ("teacher", "static") else None
     record = {"protocol": args.protocol, "label_mode": args.label_mode, "dataset": args.dataset,
-              "preset": method, "preset_source": source,
+              "preset": method, "preset_source": source, "preset_note": args.preset_note,
               "syn_data_path": os.path.abspath(folder) if folder else None, "student": args.student,
               "teacher": None if args.label_mode == "hard" else args.teacher, "teacher_path": args.teacher_path,
               "repeats": args.repeats, "std": "population standard deviation (numpy ddof=0) over repeats",

@@ -12,6 +12,7 @@ from conftest import run_script
 
 import common
 import dmkd
+import validate_fkd
 
 IMAGENETTE = ["n01440764", "n02102040", "n02979186", "n03000684", "n03028079", "n03394916", "n03417042",
               "n03425413", "n03445777", "n03888257"]
@@ -25,7 +26,7 @@ def test_synthesis_both_stages_counts_resolution_resume(tiny_dit, tmp_path, caps
     out = tmp_path / "set"
     cmd = ["dmkd.py", "--model", tiny_dit, "--steps", "2", "--ipc", "3", "--per-seed", "2", "--gen-batch", "7",
            "--epochs", "1", "--eval-every", "1", "--workers", "0", "--device", "cpu", "--out", out]
-    proc = run_script(*cmd)
+    proc = run_script(*cmd, "--eval")
     assert "dmkd digits: 30 images -> student conv3" in proc.stdout
     dirs = sorted(p for p in os.listdir(out) if p.isdigit())
     assert dirs == [f"{c:05d}" for c in range(10)]
@@ -40,6 +41,18 @@ def test_synthesis_both_stages_counts_resolution_resume(tiny_dit, tmp_path, caps
     kd = json.loads((out / "kd_conv3.json").read_text())
     assert kd["images"] == 30 and kd["recipe"]["t_squared"] and kd["recipe"]["temperature"] == 4.0
     assert kd["teacher_top1"] > 90
+    # --eval: validate_fkd with DM-KD's preset runs stage 2's recipe and writes eval_rded.json like every method
+    ev = json.loads((out / "eval_rded.json").read_text())
+    assert (ev["preset"], ev["label_mode"], ev["student"], ev["teacher"]) == ("dmkd", "teacher", "conv3", "conv3")
+    r = ev["recipe"]
+    assert (r["optimizer"], r["schedule"], r["t_squared"], r["temperature"], r["mix"], r["epochs"]) == (
+        "sgd", "step", True, 4.0, "none", 1)
+    assert r["mean"] == list(common.DATASETS["digits"].mean) and r["flip"] and r["crop"] == "pad"
+    assert ev["best_mean"] == pytest.approx(kd["best"], abs=1e-6)  # the same student, trained by the validator
+    # standalone --preset auto reads the method, teacher and normalisation from run.json
+    dry = validate_fkd.main(["--syn-data-path", str(out), "--dry-run"])
+    assert (dry["preset"], dry["protocol"], dry["teacher"], dry["recipe"]["optimizer"]) == ("dmkd", "rded", "conv3", "sgd")
+    assert run["teacher_norm"]["mean"] == dry["recipe"]["mean"] == list(common.DATASETS["digits"].mean)
 
     # resume (in process: one interpreter start is enough): a missing class is redone, identically
     # since noise is seeded per image; complete classes are kept
