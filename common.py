@@ -210,8 +210,8 @@ def class_list(dataset, data_path=None):
         return [{"index": i, "name": str(i), "id": str(i)} for i in range(10)]
     if dataset in ("cifar10", "cifar100"):
         names = _cifar(dataset, data_path, train=True).classes
-        # prompts read "aquarium fish", as the official prompt files do (D4M label-prompt/cifar-100.txt)
-        return [{"index": i, "name": n.replace("_", " "), "id": n} for i, n in enumerate(names)]
+        # prompts use the official prompt files' names ("aquarium fish", "apples", "maple") in torchvision's order
+        return [{"index": i, "name": CIFAR100_PROMPT_NAMES.get(n, n.replace("_", " ")), "id": n} for i, n in enumerate(names)]
     _, wnids = _folder_root(dataset, data_path, "train")
     known = imagenet_names()
     words = os.path.join(data_path, "words.txt")  # Tiny-ImageNet's own wnid -> name table
@@ -221,6 +221,15 @@ def class_list(dataset, data_path=None):
     known.update(DISTINCT_NAMES)
     return [{"index": i, "name": known.get(w, w), "id": w} for i, w in enumerate(wnids)]
 
+
+# The 22 CIFAR-100 classes whose name in the official prompt file differs from torchvision's (suduo94/D4M@da35d10:
+# distillation/label-prompt/cifar-100.txt = zou-yawen/Dataset-Distillation-via-Vision-Language-Category-Prototype
+# @d0060eb4:03_distiilation/label-prompt/cifar-100.txt, listed in superclass order; the others differ by "_" only).
+CIFAR100_PROMPT_NAMES = {
+    **{n: n + "s" for n in ("apple", "bottle", "bowl", "can", "cup", "plate", "mushroom", "orange", "pear", "orchid",
+                            "rose", "sunflower", "tulip")},
+    "sweet_pepper": "sweet peppers", "poppy": "poppies", "keyboard": "computer keyboard", "lawn_mower": "lawn-mower",
+    **{f"{n}_tree": n for n in ("maple", "oak", "palm", "pine", "willow")}}
 
 # ImageNet's two "crane" classes share one name in timm's table (and in HF's IMAGENET2012_CLASSES that
 # VLCP uses): give each its own, as D4M's imagenet_classes.txt does (there swapped: the bird at 517).

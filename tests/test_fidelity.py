@@ -287,7 +287,7 @@ def test_class_names_for_prompts(tmp_path, monkeypatch):
         classes = ["apple", "aquarium_fish", "maple_tree", "sweet_pepper"]
     monkeypatch.setattr(common, "_cifar", lambda *a, **k: FakeCifar100())
     classes = common.class_list("cifar100", str(tmp_path))
-    assert [c["name"] for c in classes] == ["apple", "aquarium fish", "maple tree", "sweet pepper"]
+    assert [c["name"] for c in classes] == ["apples", "aquarium fish", "maple", "sweet peppers"]  # the prompt files' names
     assert [c["id"] for c in classes] == FakeCifar100.classes  # ids stay torchvision's (class-order checks)
 
 
