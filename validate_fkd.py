@@ -515,7 +515,7 @@ def evaluate_set(args, name, images, targets, ipc, teacher, static_labels, fkd_d
             meta = common.fkd_meta(fkd_dir)
             if cfg.epochs > meta["epochs"]:
                 raise common.UserError(f"--epochs {cfg.epochs} exceeds the {meta['epochs']} epochs of stored FKD labels in {fkd_dir}")
-            cfg.batch_size = meta["batch_size"]  # the replay trains on the stored batches: record what runs
+            cfg.batch_size = meta.get("batch_size", cfg.batch_size)  # the replay trains on the stored batches: record what runs
         cfg.seed = args.seed + r
         if d.main:
             print(f"[{name}] repeat {r + 1}/{args.repeats}: {len(targets)} images, protocol {args.protocol} "
@@ -770,7 +770,7 @@ def main(argv=None):
         ipc = args.ipc or (class_folders_ipc(folder) if folder else args.random_real)
         cfg = recipe_for(args, ipc, ipc * info.num_classes)
         if args.label_mode == "fkd" and folder and os.path.isfile(common.fkd_path(folder, "meta.json")):
-            cfg.batch_size = common.fkd_meta(folder)["batch_size"]  # the stored batches are what the replay trains on
+            cfg.batch_size = common.fkd_meta(folder).get("batch_size", cfg.batch_size)  # the stored batches are what the replay trains on
         resolved = {"preset": method, "preset_source": source, "preset_note": args.preset_note, "protocol": args.protocol,
                     "label_mode": args.label_mode, "dataset": args.dataset, "ipc": ipc, "student": args.student,
                     "teacher": None if args.label_mode == "hard" else args.teacher,

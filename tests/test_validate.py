@@ -273,8 +273,10 @@ def test_each_method_gets_its_official_evaluation(tmp_path, capsys):
     assert (r["epochs"], r["mean"]) == (7, list(common.CIFAR_MEAN))
     r = dry("vlcp", "cifar10", "--preset", "none")  # the generic RDED protocol
     assert (r["preset"], r["epochs"], r["preset_source"]) == (None, 300, "--preset none")
-    r = dry("dmkd", "cifar100")
-    assert r["preset"] is None and "made by dmkd" in r["preset_source"] and r["protocol"] == "rded"
+    r = dry("dmkd", "cifar100")  # DM-KD's own KD recipe (train_student.py defaults) and CIFAR-100 statistics
+    assert (r["preset"], r["protocol"], r["optimizer"], r["schedule"], r["milestones"], r["t_squared"]) == \
+        ("dmkd", "rded", "sgd", "step", [150, 180, 210], True)
+    assert "made by dmkd" in r["preset_source"] and r["mean"] == [0.5071, 0.4867, 0.4408]
 
 
 def test_minimax_test_view_is_the_whole_image():
