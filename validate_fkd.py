@@ -153,8 +153,14 @@ METHOD_PRESETS = {
                                      milestones="20,25", temperature=4.0, eval_every=5)},
              **{d: {"rded": dict(_DMKD_KD, crop="pad", epochs=240, batch_size=128, lr=0.1, weight_decay=5e-4,
                                  milestones="150,180,210", temperature=4.0)} for d in SMALL},
+             # CIFAR-100 pair RN-34 -> RN-18 in DM-KD's own nets (models/cifar_resnet.py), as dmkd.py's preset
+             "cifar100": {"rded": dict(_DMKD_KD, crop="pad", epochs=240, batch_size=128, lr=0.1, weight_decay=5e-4,
+                                       milestones="150,180,210", temperature=4.0, teacher="cifarresnet34",
+                                       student="cifarresnet18")},
              **{d: {"rded": dict(_DMKD_KD, crop="rrc", min_scale=0.08, factor=1, epochs=100, batch_size=256, lr=0.1,
-                                 weight_decay=1e-4, milestones="30,60,90", temperature=10.0)} for d in IMAGENET_LIKE}},
+                                 weight_decay=1e-4, milestones="30,60,90", temperature=10.0,
+                                 **({"student": "resnet50"} if d == "imagenet100" else {}))}  # README: RN-18 -> RN-50
+                for d in IMAGENET_LIKE}},
 }
 METHOD_SCRIPTS = {"delt.py": "delt", "d4m.py": "d4m", "vlcp.py": "vlcp", "infer_ufc.py": "infer", "dmkd.py": "dmkd"}
 # RDED's student LR table (R:argument.py); CIFAR-100 conv3 -> conv3 uses 2e-3 with batch 25
@@ -708,6 +714,8 @@ def export_ddranking(args, folder, images, targets, rows, out_dir, d):
     model_name, torchvision_variant = ddranking_model(args.teacher)
     dd_name, dd_mean, dd_std = DDRANKING_DATASETS.get(args.dataset, (args.dataset, info.mean, info.std))
     teacher = load_teachers(args, d.device)
+    if any(isinstance(m, torch.nn.GroupNorm) for m in teacher.modules()):  # an instance-norm ConvNet: its default
+        model_name = model_name.removesuffix("-BN")
     path = os.path.join(folder, "soft_labels.pt")
     if os.path.isfile(path):
         stored = torch.load(path, map_location="cpu", weights_only=True)
