@@ -48,7 +48,11 @@ Deliberate differences from the official code (all on purpose):
 - KD: the official KL*T^2 with alpha 1 (the CE term is dead code there), SGD + step milestones, optional
   mixup/cutmix seen by the teacher too; evaluated on a single process (the official DDP val pads
   duplicates); best and last top-1 are both reported. The released ImageNet script runs 100 epochs
-  while the README tables say 200: --epochs/--milestones.
+  while the README tables say 200: --epochs/--milestones. Stage 2 writes kd_<student>.json (it also takes
+  folders the validator cannot read); --eval writes eval_rded.json through validate_fkd.py --preset dmkd
+  with the same teacher, normalisation and recipe (the collection's record, like every method's).
+- CIFAR-100 nets: DM-KD's own (common.py: cifarresnet18/34, without the stem ReLU; wrn_16_1/16_2/40_1/40_2),
+  the preset pair RN-34 -> RN-18; the README table's VGG-11 teacher is not in DM-KD's code (DMKD:models/__init__.py).
 """
 import argparse
 import dataclasses
