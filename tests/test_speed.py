@@ -124,11 +124,11 @@ def test_recover_step_loss_gradient_and_trajectory_equal_eager_step():
     xf = x0.clone().requires_grad_(True)
     opt_f = torch.optim.Adam([xf], lr=torch.tensor(args.lr), betas=(0.5, 0.9), eps=1e-8)
     t = torch.zeros(1, dtype=torch.long)
+    trace = torch.zeros(total, 2)
     for k in range(steps):
-        trace = torch.zeros(2)
         delt.recover_step(teacher, hook, xf, opt_f, active, y[active], t, views, lrs, args.r_bn, lo, hi, trace, "fp32")
         ce, bn, grad = eager[k]
-        assert trace[0].item() == pytest.approx(ce, rel=1e-5) and trace[1].item() == pytest.approx(bn, rel=1e-5)
+        assert trace[k, 0].item() == pytest.approx(ce, rel=1e-5) and trace[k, 1].item() == pytest.approx(bn, rel=1e-5)
         assert torch.allclose(xf.grad, grad, rtol=1e-4, atol=1e-7)
     hook.remove()
     assert int(t) == steps
@@ -188,7 +188,7 @@ def test_bf16_weights_cast_once_equal_autocast_casts():
         a, b = teacher(x), cast(x)
     assert a.dtype == torch.bfloat16 and torch.equal(a, b)
     assert common.cast_teacher(teacher, "fp32", "cpu").features[0].weight.dtype == torch.float32
-    assert common.resolve_precision("auto", "cpu") == "fp32" and common.resolve_precision("auto", "cuda:0") == "bf16"
+    assert common.resolve_precision("auto", "cpu") == "fp32"  # CUDA: tests/test_gpu_path.py (capability mocked)
 
 
 # ------------------------------------------------------------------------------ batched augmentation
