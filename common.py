@@ -1124,7 +1124,7 @@ class StepGraph:
 
     def run(self, step, n, same=False, warmup=2):
         if same and self.graph is not None:
-            with torch.cuda.device(self.device):
+            with graph_device(self.device):
                 for _ in range(n):
                     self.graph.replay()
             return
@@ -1147,7 +1147,7 @@ class StepGraph:
             for _ in range(n - warmup):
                 step()
             return
-        with torch.cuda.device(self.device):
+        with graph_device(self.device):
             for _ in range(n - warmup):
                 self.graph.replay()
 
@@ -1157,6 +1157,11 @@ class StepGraph:
 def graph_capable(device):
     """CUDA graphs exist only on CUDA devices."""
     return torch.device(device).type == "cuda"
+
+
+def graph_device(device):
+    """`device` as the current CUDA device while its graphs replay; nothing elsewhere."""
+    return torch.cuda.device(device) if torch.device(device).type == "cuda" else contextlib.nullcontext()
 
 
 @contextlib.contextmanager

@@ -582,21 +582,9 @@ def hard_label_args(args):
     h = resolve(build_parser().parse_args(argv))
     h.lr_search = args.lr_search
     h.precision = args.precision  # resolved: the hard-label students run as the evaluation does
+    # the hard recipe's ColorJitter and Lighting are per image: its views stay in the loader (recorded so)
     h.augment_on = "device" if args.augment_on == "device" and not (h.rand_augment or h.color_jitter or h.lighting) else "loader"
     return h
-
-
-HELD_SPLITS = ("digits", "cifar10", "cifar100")  # real train splits held in memory at one size
-
-
-def real_split_uint8(h):
-    """The real train split as uint8 [N,3,H,W] and its targets, for views made on the device (digits'
-    float pixels rounded to uint8, like every written set; CIFAR's own uint8 arrays)."""
-    if h.dataset == "digits":
-        x, y = common.digits_split("train")
-        return (x * 255).round().to(torch.uint8), y
-    ds = common.real_dataset(h.dataset, h.data_path, "train")
-    return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)
 
 
 def full_data_top1(h, val_loader, d, epochs):
@@ -608,9 +596,8 @@ def full_data_top1(h, val_loader, d, epochs):
     cfg.epochs = epochs
     cfg.milestones = (2 * epochs // 3, 5 * epochs // 6) if h.schedule == "step" and not h.milestones else cfg.milestones
     cfg.eval_every = max(1, epochs // 10)
-    on_device = h.augment_on == "device" and h.dataset in HELD_SPLITS  # else per image in the loader
     key = {"dataset": h.dataset, "student": h.student, "seed": h.seed, **recipe_record(h, cfg),
-           "augment_on": "device" if on_device else "loader"}
+           "augment_on": "loader"}  # the real split's views are made per image by the loader
     key.pop("repeats"), key.pop("lr_search")
     path = os.path.join(common.cache_dir(), "full_data", f"{h.dataset}_{h.student}_{common.content_hash(key)}.json")
     if os.path.isfile(path):
@@ -619,18 +606,12 @@ def full_data_top1(h, val_loader, d, epochs):
         if d.main:
             print(f"full real data, hard labels: top-1 {cached['top1']:.2f} (cached {path})")
         return {**cached, "cache": path, "cached": True}
-    if on_device:
-        images, targets = real_split_uint8(h)
-        real = None
-    else:
-        images = targets = None
-        real = WithIndex(common.real_dataset(h.dataset, h.data_path, "train", train_view(h)))
-    n = len(targets) if on_device else len(real)
-    cfg.batch_size = min(cfg.batch_size, n)
+    real = WithIndex(common.real_dataset(h.dataset, h.data_path, "train", train_view(h)))
+    cfg.batch_size = min(cfg.batch_size, len(real))
     if d.main:
-        print(f"full real data, hard labels: {n} images, student {h.student}, {epochs} epochs, batch {cfg.batch_size}, "
-              f"{h.precision}, views on the {'device' if on_device else 'loader'} (once; cached in {path})")
-    res = train_once(h, images, targets, cfg, None, None, None, val_loader, d, train_set=real)
+        print(f"full real data, hard labels: {len(real)} images, student {h.student}, {epochs} epochs, batch {cfg.batch_size}, "
+              f"{h.precision} (once; cached in {path})")
+    res = train_once(h, None, None, cfg, None, None, None, val_loader, d, train_set=real)
     out = {"top1": res["best"], "last": res["last"], "history": res["history"], "seconds": round(res["seconds"], 2),
            "recipe": key, "versions": common.package_versions(), "device": common.device_name(d.device)}
     if d.main:
