@@ -993,14 +993,21 @@ def evaluate(model, loader, device="cpu", precision="auto"):
 # BatchNorm-statistics matching (SRe2L/CDA/DELT/INFER; VILA-Lab/DELT@f2f81ca:recover/utils.py BNFeatureHook)
 # ----------------------------------------------------------------------------------------------
 class _VarMean(torch.autograd.Function):
-    """Biased per-channel (var, mean) of a bf16/fp16 [N,C,H,W] tensor in fp32, keeping no fp32 copy for
-    the backward pass (autograd of var_mean(x.float()) would keep one per BN layer): the copy is
-    transient in both passes, and the input it saves is the one BatchNorm saves anyway.
-    d var/dx = 2 (x - mean) / n, d mean/dx = 1 / n, n = N*H*W."""
+    """Biased per-channel (var, mean) of [N,C,H,W] in fp32, whatever the input dtype, with the backward
+    written out: d var/dx = 2 (x - mean) / n, d mean/dx = 1 / n (n = N*H*W). It keeps no fp32 copy of a
+    bf16 input (autograd of var_mean(x.float()) would keep one per BN layer: here the copy is transient),
+    and the input it saves is the one BatchNorm saves anyway. CUDA: one fused var_mean kernel; CPU: two
+    vectorised passes (mean, then the centred squares), about 10x faster there than var_mean's Welford
+    loop and as accurate."""
 
     @staticmethod
     def forward(ctx, x):
-        var, mean = torch.var_mean(x.float(), dim=(0, 2, 3), unbiased=False)
+        xf = x.float()
+        if xf.is_cuda:
+            var, mean = torch.var_mean(xf, dim=(0, 2, 3), unbiased=False)
+        else:
+            mean = xf.mean((0, 2, 3))
+            var = (xf - mean.view(1, -1, 1, 1)).square_().mean((0, 2, 3))
         ctx.save_for_backward(x, mean)
         return var, mean
 
@@ -1008,12 +1015,10 @@ class _VarMean(torch.autograd.Function):
     def backward(ctx, grad_var, grad_mean):
         x, mean = ctx.saved_tensors
         n = x.numel() // x.shape[1]
-        g = torch.zeros((), device=x.device)
-        if grad_var is not None:
-            g = (x.float() - mean.view(1, -1, 1, 1)) * (2.0 / n * grad_var).view(1, -1, 1, 1)
-        if grad_mean is not None:
-            g = g + (grad_mean / n).view(1, -1, 1, 1)
-        return g.expand_as(x).to(x.dtype)
+        scale = 2.0 / n * grad_var if grad_var is not None else torch.zeros_like(mean)
+        shift = (grad_mean / n if grad_mean is not None else 0) - scale * mean
+        # x * scale + (grad_mean / n - scale * mean): one elementwise pass, no fp32 copy of x
+        return torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1)).to(x.dtype)
 
 
 class BNStatsHook:
@@ -1032,9 +1037,7 @@ class BNStatsHook:
 
     def _hook(self, i):
         def hook(module, inputs, output):
-            # one fused pass (Welford) for both statistics, in fp32 whatever the input dtype
-            x = inputs[0]
-            var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False) if x.dtype == torch.float32 else _VarMean.apply(x)
+            var, mean = _VarMean.apply(inputs[0])  # in fp32 whatever the input dtype
             self.values[i] = (self.r_var * torch.linalg.vector_norm(var - module.running_var)
                               + torch.linalg.vector_norm(mean - module.running_mean))
         return hook

@@ -145,7 +145,7 @@ def test_bn_hook_bf16_backward_equals_autograd_of_an_fp32_copy_and_saves_no_fp32
     ref = x.detach().clone().requires_grad_(True)
     rvar, rmean = torch.var_mean(ref.float(), dim=(0, 2, 3), unbiased=False)
     (rvar @ weights_var + rmean @ weights_mean).backward()
-    assert torch.equal(var, rvar) and torch.equal(mean, rmean) and var.dtype == torch.float32
+    assert torch.allclose(var, rvar, rtol=1e-5) and torch.allclose(mean, rmean, rtol=1e-5, atol=1e-7) and var.dtype == torch.float32
     assert x.grad.dtype == torch.bfloat16 and torch.allclose(x.grad.float(), ref.grad.float(), rtol=1e-2, atol=1e-4)
     assert not any(t.dtype == torch.float32 and t.numel() == x.numel() for t in saved)  # no fp32 copy kept
     # the hook uses it for bf16 inputs and plain var_mean for fp32 ones: same loss either way
