@@ -1142,7 +1142,7 @@ class StepGraph:
         try:
             self.graph = capture_graph(step, self.device)
             self.captures += 1
-        except Exception as e:  # noqa: BLE001: any capture error -> the same steps eagerly
+        except Exception as e:  # any capture error: the same steps eagerly
             StepGraph.failed = True
             print(f"warning: capturing the step as a CUDA graph failed ({e.__class__.__name__}: "
                   f"{str(e).splitlines()[0] if str(e) else ''}); running it eagerly (same maths, slower)",
