@@ -41,6 +41,8 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     device = common.pick_device(args.device)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))  # cuda:N: streams and syncs act on it
     args.precision = common.resolve_precision(args.precision, device)  # one arithmetic for every call below
     cuda = device.startswith("cuda")
     if cuda:
@@ -109,7 +111,7 @@ def compute_bound(args, teacher, device, steps=None):
             loss.backward()
             opt.step()
         if cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
 
     run(2)  # warm-up
     t0 = time.perf_counter()

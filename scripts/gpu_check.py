@@ -147,7 +147,8 @@ def check_training_syncs(device):
     mean, std = common.DATASETS["digits"].mean, common.DATASETS["digits"].std
     images = torch.randint(0, 256, (200, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     targets = torch.arange(200) % 10
-    teacher = teacher_on(device, common.resolve_precision("auto", device), "conv3")
+    precision = common.resolve_precision("auto", device)
+    teacher = teacher_on(device, precision, "conv3")
     val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(20, 3, 32, 32),
                                                                      torch.zeros(20, dtype=torch.long)), batch_size=20)
     for where in ("device", "loader"):
@@ -157,15 +158,15 @@ def check_training_syncs(device):
             ds = common.IndexedDataset(images, targets, common.train_transform(32, mean, std, crop="rrc"))
         counts = []
         for epochs in (1, 4):
-            cfg = common.TrainConfig(labels="teacher", epochs=epochs, batch_size=50, mix="cutmix", eval_every=10**6)
+            cfg = common.TrainConfig(labels="teacher", epochs=epochs, batch_size=50, mix="cutmix", eval_every=10**6,
+                                     precision=precision)
             with count_syncs() as syncs:
                 common.train_student(common.build_model("conv3", 10, 32), cfg, val, device, train_set=ds, teacher=teacher,
                                      log=lambda *a: None)
             counts.append(syncs[0])
         per_batch = (counts[1] - counts[0]) / (3 * 4)
         limit = 0 if where == "device" else None
-        row(f"training step, views on the {where}", cfg.precision if cfg.precision != "auto" else
-            common.resolve_precision("auto", device), f"{counts[0]} syncs in 1 epoch, {counts[1]} in 4",
+        row(f"training step, views on the {where}", precision, f"{counts[0]} syncs in 1 epoch, {counts[1]} in 4",
             "0 per batch" if limit == 0 else "reported", f"{per_batch:.2f} per batch", limit is None or per_batch <= limit)
 
 
@@ -192,7 +193,7 @@ def check_bench(device, script, flags, pattern, what):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda", help="the CUDA device to check: cuda or cuda:N")
+    p.add_argument("--device", default="cuda", help="the CUDA device to check: cuda (the current one; the default) or cuda:N")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device is visible to torch on this machine; nothing to check (the CPU paths are "
