@@ -2175,7 +2175,7 @@ def train_student(student, cfg, val_loader, device, train_set=None, teacher=None
             loader.sampler.set_epoch(epoch)
         batches = loader if loader is not None else torch.utils.data.DataLoader(
             FKDReplay(fkd["images"], fkd["dir"], epoch, fkd["size"], fkd["mean"], fkd["std"], d.rank, d.world),
-            batch_size=None, shuffle=False, num_workers=cfg.workers)
+            batch_size=None, shuffle=False, num_workers=cfg.workers, pin_memory=cuda)
         total, steps = torch.zeros((), device=device), 0
         batches, t_wait = iter(batches), time.time()
         for batch in batches:

@@ -581,9 +581,11 @@ def hard_label_args(args):
     argv += ["--epochs", str(args.hard_epochs)] if args.hard_epochs else []
     h = resolve(build_parser().parse_args(argv))
     h.lr_search = args.lr_search
-    h.precision = args.precision  # resolved: the hard-label students run as the evaluation does
+    device = common.pick_device(args.device)  # the hard-label students run as the evaluation does, resolved
+    h.precision = common.resolve_precision(args.precision, device)
     # the hard recipe's ColorJitter and Lighting are per image: its views stay in the loader (recorded so)
-    h.augment_on = "device" if args.augment_on == "device" and not (h.rand_augment or h.color_jitter or h.lighting) else "loader"
+    per_image_only = h.rand_augment or h.color_jitter or h.lighting
+    h.augment_on = "device" if augment_on_device(args, device) and not per_image_only else "loader"
     return h
 
 
