@@ -1062,6 +1062,35 @@ def evaluate(model, loader, device="cpu", precision="auto"):
 # ----------------------------------------------------------------------------------------------
 # BatchNorm-statistics matching (SRe2L/CDA/DELT/INFER; VILA-Lab/DELT@f2f81ca:recover/utils.py BNFeatureHook)
 # ----------------------------------------------------------------------------------------------
+class _VarMean(torch.autograd.Function):
+    """Biased per-channel (var, mean) of [N,C,H,W] in fp32, whatever the input dtype, with the backward
+    written out: d var/dx = 2 (x - mean) / n, d mean/dx = 1 / n (n = N*H*W). It keeps no fp32 copy of a
+    bf16 input (autograd of var_mean(x.float()) would keep one per BN layer: here the copy is transient),
+    and the input it saves is the one BatchNorm saves anyway. CUDA: one fused var_mean kernel; CPU: two
+    vectorised passes (mean, then the centred squares), about 10x faster there than var_mean's Welford
+    loop and as accurate."""
+
+    @staticmethod
+    def forward(ctx, x):
+        xf = x.float()
+        if xf.is_cuda:
+            var, mean = torch.var_mean(xf, dim=(0, 2, 3), unbiased=False)
+        else:
+            mean = xf.mean((0, 2, 3))
+            var = (xf - mean.view(1, -1, 1, 1)).square_().mean((0, 2, 3))
+        ctx.save_for_backward(x, mean)
+        return var, mean
+
+    @staticmethod
+    def backward(ctx, grad_var, grad_mean):
+        x, mean = ctx.saved_tensors
+        n = x.numel() // x.shape[1]
+        scale = 2.0 / n * grad_var if grad_var is not None else torch.zeros_like(mean)
+        shift = (grad_mean / n if grad_mean is not None else 0) - scale * mean
+        # x * scale + (grad_mean / n - scale * mean): one elementwise pass, no fp32 copy of x
+        return torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1)).to(x.dtype)
+
+
 class BNStatsHook:
     """Per BatchNorm2d layer l, on the input of the current forward:
     r_l = r_var * ||var - running_var||_2 + ||mean - running_mean||_2 (biased variance over N,H,W).
@@ -1078,8 +1107,7 @@ class BNStatsHook:
 
     def _hook(self, i):
         def hook(module, inputs, output):
-            # one fused pass (Welford) for both statistics, accumulated in fp32 whatever the input dtype
-            var, mean = torch.var_mean(inputs[0].float(), dim=(0, 2, 3), unbiased=False)
+            var, mean = _VarMean.apply(inputs[0])  # in fp32 whatever the input dtype
             self.values[i] = (self.r_var * torch.linalg.vector_norm(var - module.running_var)
                               + torch.linalg.vector_norm(mean - module.running_mean))
         return hook
@@ -1110,6 +1138,14 @@ def pick_device(name="auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name} was asked for but no CUDA device is available")
+    if name.startswith("cuda"):
+        n = torch.cuda.device_count()
+        try:
+            index = torch.device(name).index
+        except RuntimeError:
+            index = -1
+        if index is not None and not 0 <= index < n:
+            raise UserError(f"--device {name} is not a CUDA device of this machine: use cuda or cuda:0 .. cuda:{n - 1}")
     return name
 
 
@@ -1117,18 +1153,23 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def resolve_precision(precision, device):
-    """"auto" -> bf16 on CUDA, fp32 on the CPU (the official code is fp32 everywhere)."""
+    """What `precision` means on `device`: "auto" -> bf16 on a CUDA GPU with native bf16 (compute
+    capability >= 8: Ampere and later), else fp32 (the CPU, and pre-Ampere GPUs, which only emulate
+    bf16; fp16 there would need loss scaling inside the recover and UFC graphs, not done). The
+    official code is fp32 everywhere. Scripts resolve it once and record the result."""
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if precision == "auto":
-        return "bf16" if str(device).startswith("cuda") else "fp32"
+        device = torch.device(device)
+        return "bf16" if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8 else "fp32"
     return precision
 
 
 def add_precision_arg(group):
     group.add_argument("--precision", default="auto", choices=PRECISIONS,
                        help="teacher/optimisation arithmetic: fp32 (as the official code) or bf16 autocast; "
-                            "auto = bf16 on CUDA, fp32 on the CPU")
+                            "auto = bf16 on CUDA GPUs with native bf16 (compute capability >= 8), else fp32; "
+                            "the run records what it resolved to")
 
 
 def autocast(device, precision="auto", cache=True):
@@ -1136,31 +1177,98 @@ def autocast(device, precision="auto", cache=True):
     inside CUDA-graph captures (autocast's weight-cast cache must not outlive a capture)."""
     if resolve_precision(precision, device) == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast("cuda" if str(device).startswith("cuda") else "cpu", dtype=torch.bfloat16,
-                          cache_enabled=cache)
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, cache_enabled=cache)
 
 
-def run_steps(step, n, graph, pool=None, warmup=2):
-    """Call step() n times. With graph=True (CUDA): `warmup` eager calls on a side stream (cuDNN picks
-    its algorithms, optimiser state appears), one call captured as a CUDA graph, then n - warmup
-    replays: no host work per step. step() must keep all its state in device tensors (a step counter
-    included) so that a replay is exactly the next step. pool: a graph_pool_handle shared by the
-    successive graphs of one batch (they never replay concurrently)."""
-    if not graph or n <= warmup + 1:
-        for _ in range(n):
-            step()
+class StepGraph:
+    """Runs a fixed-shape step (all its state in device tensors, a step counter included, so that a
+    replay is exactly the next step) n times. On CUDA with graphs on: `warmup` eager calls on a side
+    stream of the model's device (cuDNN picks its algorithms, optimiser state appears), one call
+    captured as a CUDA graph (recorded, not run), then n - warmup replays: no host work per step.
+    run(..., same=True) replays the last graph for n more steps without capturing again (the caller's
+    step is unchanged, e.g. an EarlyLate round whose active set did not grow). A capture that raises
+    is reported once in one sentence and the steps run eagerly (same maths); later captures are not
+    tried. Elsewhere (CPU, graphs off) every call is eager."""
+
+    def __init__(self, device, graphs=True):
+        self.device = torch.device(device)
+        self.graphs = graphs and graph_capable(self.device)
+        self.graph, self.captures = None, 0
+
+    def run(self, step, n, same=False, warmup=2):
+        if same and self.graph is not None:
+            with graph_device(self.device):
+                for _ in range(n):
+                    self.graph.replay()
+            return
+        self.graph = None  # the previous graph's memory goes back before the next capture
+        if not self.graphs or StepGraph.failed or n <= warmup + 1:
+            for _ in range(n):
+                step()
+            return
+        with side_stream(self.device):
+            for _ in range(warmup):
+                step()
+        try:
+            self.graph = capture_graph(step, self.device)
+            self.captures += 1
+        except Exception as e:  # any capture error: the same steps eagerly
+            StepGraph.failed = True
+            print(f"warning: capturing the step as a CUDA graph failed ({e.__class__.__name__}: "
+                  f"{str(e).splitlines()[0] if str(e) else ''}); running it eagerly (same maths, slower)",
+                  file=sys.stderr, flush=True)
+            for _ in range(n - warmup):
+                step()
+            return
+        with graph_device(self.device):
+            for _ in range(n - warmup):
+                self.graph.replay()
+
+    failed = False  # set on the first capture error of the process: later steps run eagerly without trying
+
+
+def graph_capable(device):
+    """CUDA graphs exist only on CUDA devices."""
+    return torch.device(device).type == "cuda"
+
+
+def graph_device(device):
+    """`device` as the current CUDA device while its graphs replay; nothing elsewhere."""
+    return torch.cuda.device(device) if torch.device(device).type == "cuda" else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def side_stream(device):
+    """A side stream of `device` (not the current device: --device cuda:N works outside torchrun) that
+    waits for the current stream's work and is waited for after; nothing on the CPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        yield
         return
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(current)
+    with torch.cuda.device(device), torch.cuda.stream(side):
+        yield
+    current.wait_stream(side)
+
+
+def capture_graph(step, device):
+    """One call of step() recorded (not run) as a CUDA graph on a side stream of `device`. Unlike
+    torch.cuda.graph it pays no device synchronize and no empty_cache per capture; no pool is shared
+    (each graph's memory goes back when it is dropped); thread_local capture mode, so that a
+    pin-memory or loader thread does not invalidate it."""
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, pool=pool):  # recorded, not run
-        step()
-    for _ in range(n - warmup):
-        g.replay()
+    with side_stream(device):
+        g.capture_begin(capture_error_mode="thread_local")
+        try:
+            step()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                g.capture_end()
+            raise
+        g.capture_end()
+    return g
 
 
 def cast_teacher(model, precision, device):
@@ -1194,7 +1302,8 @@ def dist_setup(device="auto"):
     device = pick_device(device)
     if device == "cuda":
         device = f"cuda:{local}"
-        torch.cuda.set_device(local)
+    if device.startswith("cuda"):  # also for an explicit cuda:N: streams, graphs and syncs act on the current device
+        torch.cuda.set_device(torch.device(device))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return Dist(int(os.environ.get("RANK", "0")), world, local, device)
@@ -1318,6 +1427,11 @@ class RunDir:
             if not overwrite and not failed_start:
                 diff = sorted(k for k in set(old.get("identity", {})) | set(self.identity)
                               if old.get("identity", {}).get(k) != self.identity.get(k))
+                was = old.get("identity", {}).get("precision")
+                if diff == ["precision"] and was in ("fp32", "bf16"):  # e.g. started on the CPU (fp32), resumed on a GPU (bf16)
+                    raise UserError(f"{out} was made with --precision {was} and this run resolves to "
+                                    f"{self.identity.get('precision')}: pass --precision {was} to resume it without "
+                                    f"mixing arithmetics, or --overwrite to start again")
                 raise UserError(f"{out} holds a different run (differs in {', '.join(diff[:5]) or 'its record'}); "
                                 f"pass --overwrite to replace it or choose another --out")
             if rank == 0:
@@ -1783,17 +1897,33 @@ def strip_permutation_index(perm, size):
     return torch.stack([torch.cat([torch.arange(starts[k], starts[k] + lengths[k]) for k in p.tolist()]) for p in perm])
 
 
+def to_device(tensors, device):
+    """Integer/bool CPU tensors on `device`: on CUDA in one non-blocking copy from pinned memory (torch's
+    caching host allocator keeps the buffer until the copy is done), so the host queues the next batch
+    while the GPU works; elsewhere unchanged."""
+    if torch.device(device).type != "cuda":
+        return list(tensors)
+    flat = torch.cat([t.reshape(-1).long() for t in tensors]).pin_memory().to(device, non_blocking=True)
+    out, i = [], 0
+    for t in tensors:
+        out.append(flat[i:i + t.numel()].view(t.shape).to(t.dtype))
+        i += t.numel()
+    return out
+
+
 class DeviceAugment:
     """train_transform's batchable part for a whole batch of uint8 images on the device: RDED's
     ShufflePatches, then RandomResizedCrop or Resize + RandomCrop with zero padding, a horizontal flip
     and the normalisation. Per-image parameters are drawn on the host from a generator with the
     distributions of the per-image path; all spatial ops of an image fold into two matrices
     (resize_weights), applied as two batched matmuls. ColorJitter, Lighting and RandAugment are not
-    here: protocols that use them keep the loader path."""
+    here: protocols that use them keep the loader path. Per batch the host makes one non-blocking copy
+    (the parameters, to_device) and no sync; mean/std live on the device."""
 
     def __init__(self, size, mean, std, crop="rrc", min_scale=0.08, flip=True, factor=1, pad=4):
         self.size, self.mean, self.std, self.crop = size, mean, std, crop
         self.min_scale, self.flip, self.factor, self.pad = min_scale, flip, factor, pad
+        self._norm = {}  # device -> (mean, std) tensors [1,3,1,1]
 
     def draw(self, n, h, w, g):
         """Per-image parameters: {"box" [n,4] (rrc) or "offset" [n,2] (pad), "flip" [n], "perm_y"/"perm_x" [n,f]}."""
@@ -1826,7 +1956,8 @@ class DeviceAugment:
             sel_x = (qx[:, :, None] + off[:, 1, None, None] - self.pad) == q[None, None, :]
             wy, wx = sel_y.float() @ ry, sel_x.float() @ rx
         if self.factor > 1:  # ShufflePatches first: W_total[:, idx[k]] = W[:, k]
-            iy, ix = (strip_permutation_index(p[k], n_).to(device) for k, n_ in (("perm_y", h), ("perm_x", w)))
+            iy, ix = ((p[s] if s in p else strip_permutation_index(p[k], n_)).to(device)
+                      for s, k, n_ in (("strip_y", "perm_y", h), ("strip_x", "perm_x", w)))
             wy = torch.zeros_like(wy).scatter_(2, iy[:, None].expand_as(wy), wy)
             wx = torch.zeros_like(wx).scatter_(2, ix[:, None].expand_as(wx), wx)
         return wy, wx
@@ -1835,8 +1966,15 @@ class DeviceAugment:
         """images: uint8 [n,3,h,w] on the device -> normalised float views [n,3,size,size]."""
         n, _, h, w = images.shape
         p = params or self.draw(n, h, w, g)
+        if self.factor > 1:  # the strip gather indices are made on the host, before the one copy
+            p = {**p, "strip_y": strip_permutation_index(p["perm_y"], h), "strip_x": strip_permutation_index(p["perm_x"], w)}
+        p = dict(zip(p, to_device(list(p.values()), images.device)))
         wy, wx = self.matrices(p, h, w, images.device)
-        return normalize(apply_views(images.float() / 255, wy, wx), self.mean, self.std)
+        key = str(images.device)
+        if key not in self._norm:
+            self._norm[key] = tuple(torch.tensor(v, device=images.device).view(1, -1, 1, 1) for v in (self.mean, self.std))
+        m, s = self._norm[key]
+        return (apply_views(images.float() / 255, wy, wx) - m) / s  # = normalize(...), without a copy per batch
 
 
 class DeviceImageSet:
@@ -1856,11 +1994,10 @@ class _DeviceBatches:
         self.images, self.targets = ds.images.to(device), ds.targets.to(device)
 
     def __iter__(self):
-        order = torch.tensor(list(self.sampler))
-        for idx in order.split(self.batch_size):
-            if self.drop_last and len(idx) < self.batch_size:
+        dev_order, = to_device([torch.tensor(list(self.sampler))], self.images.device)  # one copy per epoch
+        for dev_idx in dev_order.split(self.batch_size):
+            if self.drop_last and len(dev_idx) < self.batch_size:
                 break
-            dev_idx = idx.to(self.images.device, non_blocking=True)
             yield self.ds.augment(self.images.index_select(0, dev_idx), self.g), self.targets.index_select(0, dev_idx), dev_idx
 
 
@@ -2112,7 +2249,7 @@ def train_student(student, cfg, val_loader, device, train_set=None, teacher=None
             loader.sampler.set_epoch(epoch)
         batches = loader if loader is not None else torch.utils.data.DataLoader(
             FKDReplay(fkd["images"], fkd["dir"], epoch, fkd["size"], fkd["mean"], fkd["std"], d.rank, d.world),
-            batch_size=None, shuffle=False, num_workers=cfg.workers)
+            batch_size=None, shuffle=False, num_workers=cfg.workers, pin_memory=cuda)
         total, steps = torch.zeros((), device=device), 0
         batches, t_wait = iter(batches), time.time()
         for batch in batches:
@@ -2122,6 +2259,8 @@ def train_student(student, cfg, val_loader, device, train_set=None, teacher=None
             else:
                 x, y, idx = (t.to(device, non_blocking=True) for t in batch)
                 p = draw_mix(cfg.mix, cfg.alpha, len(y), x.shape[-2], x.shape[-1], g)
+                if "perm" in p:
+                    p["perm"], = to_device([p["perm"]], device)
                 x = apply_mix(x, p)
             if cuda:
                 x = x.contiguous(memory_format=torch.channels_last)

@@ -307,7 +307,7 @@ def recover_step(teacher, hook, x, opt, active, ys, t, views, lrs, r_bn, lo, hi,
     """One recover iteration, entirely on the device with fixed shapes (so CUDA can replay it as a
     graph): read step t's view and LR from the device tables, crop/flip/roll the active rows as two
     resampling matrices (gradients flow through), CE + r_bn * BN loss, Adam step, clip to [0, 1]
-    pixels (D:recover/recover.py get_images), add (CE, BN) to this round's trace, t += 1."""
+    pixels (D:recover/recover.py get_images), trace[t] = (CE, BN), t += 1."""
     v = views.index_select(0, t)[0]
     s = x.shape[-1]
     wy = common.resize_weights(v[0], v[2], s, s, shift=v[5])
@@ -325,7 +325,7 @@ def recover_step(teacher, hook, x, opt, active, ys, t, views, lrs, r_bn, lo, hi,
     opt.step()
     with torch.no_grad():
         x.clamp_(lo, hi)
-        trace.add_(torch.stack([ce.detach(), bn.detach()]))
+        trace.index_copy_(0, t, torch.stack([ce.detach(), bn.detach()])[None])
         t.add_(1)
 
 
@@ -339,15 +339,21 @@ def early_late_recover(teacher, hook, x0, y, group, sched, args, rng, mean, std,
     Adam's bias correction uses the global step, so an image joining at step t >> 1 takes a first
     step of lr*(1-b1)/sqrt(1-b2) = lr*0.5/sqrt(0.1) ~ 1.58*lr per pixel, not the lr of a fresh Adam
     (kept: it is the official behaviour). On CUDA each round is one CUDA graph (its active set has a
-    fixed size), so a step costs the GPU work of the active images and no host time; cuDNN picks its
-    algorithms once per active-set size (cached for the process) in the eager warm-up steps."""
+    fixed size), so a step costs the GPU work of the active images and no host time; a round whose
+    active set did not grow replays the previous round's graph; cuDNN picks its algorithms once per
+    active-set size (cached for the process) in the eager warm-up steps. A capture error falls back to
+    eager steps (common.StepGraph)."""
     cuda = str(device).startswith("cuda")
     R, first = sched["round_itr"], int(group.min())
     total = (sched["rounds"] - first) * R
     rounds = []
     for r in range(first, sched["rounds"]):
-        idx = (group <= r).nonzero().flatten().to(device)
-        rounds.append((None, y) if len(idx) == len(group) else (idx, y.index_select(0, idx)))
+        idx = (group <= r).nonzero().flatten()
+        if rounds and len(idx) == (len(group) if rounds[-1][0] is None else len(rounds[-1][0])):
+            rounds.append(rounds[-1])  # the active set did not grow: the same step (and graph)
+        else:
+            idx = idx.to(device)
+            rounds.append((None, y) if len(idx) == len(group) else (idx, y.index_select(0, idx)))
     views = draw_views(rng, total, x0.shape[-1], args).to(device)
     lrs = torch.tensor([0.5 * args.lr * (1 + math.cos(math.pi * t / total)) for t in range(total)], device=device)
     lo = torch.tensor([(0 - m) / s for m, s in zip(mean, std)], device=device).view(1, -1, 1, 1)
@@ -356,13 +362,13 @@ def early_late_recover(teacher, hook, x0, y, group, sched, args, rng, mean, std,
     opt = torch.optim.Adam([x], lr=torch.tensor(args.lr, device=device), betas=(0.5, 0.9), eps=1e-8,
                            **({"fused": True, "capturable": True} if cuda else {}))
     t = torch.zeros(1, dtype=torch.long, device=device)
-    trace = torch.zeros(len(rounds), 2, device=device)  # per round: sum of CE, sum of BN loss
-    pool = torch.cuda.graph_pool_handle() if cuda and graphs else None
+    trace = torch.zeros(total, 2, device=device)  # per step: CE, BN loss
+    steps = common.StepGraph(device, graphs)
     for r, (idx, ys) in enumerate(tqdm(rounds, desc="recover rounds", leave=False, disable=len(rounds) < 2)):
-        common.run_steps(lambda: recover_step(teacher, hook, x, opt, idx, ys, t, views, lrs, args.r_bn, lo, hi,
-                                              trace[r], args.precision), R, cuda and graphs, pool)
+        steps.run(lambda: recover_step(teacher, hook, x, opt, idx, ys, t, views, lrs, args.r_bn, lo, hi, trace,
+                                       args.precision), R, same=r > 0 and rounds[r] is rounds[r - 1])
     active = [len(group) if idx is None else len(idx) for idx, _ in rounds]
-    trace = (trace / R).tolist()
+    trace = trace.view(len(rounds), R, 2).mean(1).tolist()
     return x.detach(), {"iterations": total, "dropped_rounds": first, "active_per_round": active,
                         "image_iterations": sum(a * R for a in active),
                         "ce_per_round": [c for c, _ in trace], "bn_per_round": [b for _, b in trace]}
@@ -446,6 +452,7 @@ def main(argv=None):
                                f"--round-itr ({args.round_itr}); or pass --no-early-late")
     args.out = args.out or os.path.join("runs", f"delt_{args.dataset}_ipc{args.ipc}")
     d = common.dist_setup(args.device)
+    args.precision = common.resolve_precision(args.precision, d.device)  # recorded (and resumed) as what runs
     common.seed_everything(args.seed)
     mean, std, norm_source = common.resolve_norm(args.dataset, [args.teacher_path], args.mean, args.std, args.norm)
     size = common.input_size(args.dataset, args.teacher)

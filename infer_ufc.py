@@ -262,7 +262,8 @@ def optimise_ufc(teacher, real_norm, args, g, device, graph=True):
     """One UFC u (1x3xHxW, zeros; ufc_cifar.py:50) added to every row of real_norm [C,3,H,W]:
     L(u) = mean_c CE(f(A(x_c + u)), c) + r_bn * sum_l w_l (||mu_l - mu_l^run|| + r_var ||var_l - var_l^run||),
     Adam(betas 0.5/0.9) on u alone, lr cosine-annealed from args.lr at every step (utils.py:74-84).
-    On CUDA the step is one CUDA graph replayed T times. Returns u and the per-step losses."""
+    On CUDA the step is one CUDA graph replayed T times (eager if the capture fails: common.StepGraph).
+    Returns u and the per-step losses."""
     C = len(real_norm)
     cuda = str(device).startswith("cuda")
     targets = torch.arange(C, device=device)
@@ -275,8 +276,8 @@ def optimise_ufc(teacher, real_norm, args, g, device, graph=True):
     hook = common.BNStatsHook(teacher, args.first_bn_multiplier, args.r_var)
     losses = torch.zeros(T_, device=device)
     t = torch.zeros(1, dtype=torch.long, device=device)
-    common.run_steps(lambda: ufc_step(teacher, hook, u, opt, real_norm, targets, args.class_chunk or C, t, views, lrs,
-                                      args.r_bn, losses, args.precision), T_, cuda and graph)
+    common.StepGraph(device, graph).run(lambda: ufc_step(teacher, hook, u, opt, real_norm, targets, args.class_chunk or C,
+                                                         t, views, lrs, args.r_bn, losses, args.precision), T_)
     hook.remove()
     return u.detach(), losses.cpu()
 
@@ -327,6 +328,7 @@ def main(argv=None):
     args.out = args.out or os.path.join("runs", f"infer_ufc_{args.dataset}_ipc{args.ipc}")
     mean, std = INFER_NORM.get(args.dataset, (info.mean, info.std)) if args.teacher_norm == "infer" else (info.mean, info.std)
     d = common.dist_setup(args.device)
+    args.precision = common.resolve_precision(args.precision, d.device)  # recorded (and resumed) as what runs
     common.seed_everything(args.seed)
     log = print if d.main else (lambda *a, **k: None)
     log(f"budget: IPC {args.ipc} x {C} classes = {b['budget']} image-equivalents; M = {M} teachers -> "

@@ -435,13 +435,15 @@ def class_folders_ipc(folder):
     return min(counts) if counts else 0
 
 
-def load_teachers(args, device):
+def load_teachers(args, device, cast=True):
+    """The teacher (or an Ensemble of them); cast=True: conv/linear weights in bf16 when the run is bf16
+    (common.cast_teacher; call it under autocast), cast=False: the checkpoint's own fp32 weights."""
     archs = args.teacher.split(",")
     paths = args.teacher_path.split(",") if args.teacher_path else [None] * len(archs)
     if len(paths) != len(archs):
         raise common.UserError(f"--teacher-path lists {len(paths)} checkpoints for {len(archs)} teacher architectures")
-    teachers = [common.cast_teacher(common.load_teacher(a, args.dataset, p, args.data_path, device=device),
-                                    args.precision, device) for a, p in zip(archs, paths)]
+    teachers = [common.load_teacher(a, args.dataset, p, args.data_path, device=device) for a, p in zip(archs, paths)]
+    teachers = [common.cast_teacher(t, args.precision, device) if cast else t for t in teachers]
     return teachers[0] if len(teachers) == 1 else common.Ensemble(teachers).eval()
 
 
@@ -462,6 +464,12 @@ def augment_on_device(args, device):
     if args.augment_on == "device" and per_image_only:
         raise common.UserError("--augment-on device does not do RandAugment, ColorJitter or Lighting: use --augment-on loader")
     return args.augment_on == "device" or (args.augment_on == "auto" and str(device).startswith("cuda") and not per_image_only)
+
+
+def resolve_execution(args, device):
+    """--precision and --augment-on as what runs on `device` (records and cache keys say what ran)."""
+    args.precision = common.resolve_precision(args.precision, device)
+    args.augment_on = "device" if augment_on_device(args, device) else "loader"
 
 
 def train_once(args, images, targets, cfg, teacher, static_labels, fkd_dir, val_loader, d, train_set=None):
@@ -632,6 +640,11 @@ def hard_label_args(args):
     argv += ["--epochs", str(args.hard_epochs)] if args.hard_epochs else []
     h = resolve(build_parser().parse_args(argv))
     h.lr_search = args.lr_search
+    device = common.pick_device(args.device)  # the hard-label students run as the evaluation does, resolved
+    h.precision = common.resolve_precision(args.precision, device)
+    # the hard recipe's ColorJitter and Lighting are per image: its views stay in the loader (recorded so)
+    per_image_only = h.rand_augment or h.color_jitter or h.lighting
+    h.augment_on = "device" if augment_on_device(args, device) and not per_image_only else "loader"
     return h
 
 
@@ -644,7 +657,8 @@ def full_data_top1(h, val_loader, d, epochs):
     cfg.epochs = epochs
     cfg.milestones = (2 * epochs // 3, 5 * epochs // 6) if h.schedule == "step" and not h.milestones else cfg.milestones
     cfg.eval_every = max(1, epochs // 10)
-    key = {"dataset": h.dataset, "student": h.student, "seed": h.seed, **recipe_record(h, cfg)}
+    key = {"dataset": h.dataset, "student": h.student, "seed": h.seed, **recipe_record(h, cfg),
+           "augment_on": "loader"}  # the real split's views are made per image by the loader
     key.pop("repeats"), key.pop("lr_search")
     path = os.path.join(common.cache_dir(), "full_data", f"{h.dataset}_{h.student}_{common.content_hash(key)}.json")
     if os.path.isfile(path):
@@ -656,8 +670,8 @@ def full_data_top1(h, val_loader, d, epochs):
     real = WithIndex(common.real_dataset(h.dataset, h.data_path, "train", train_view(h)))
     cfg.batch_size = min(cfg.batch_size, len(real))
     if d.main:
-        print(f"full real data, hard labels: {len(real)} images, student {h.student}, {epochs} epochs, batch {cfg.batch_size} "
-              f"(once; cached in {path})")
+        print(f"full real data, hard labels: {len(real)} images, student {h.student}, {epochs} epochs, batch {cfg.batch_size}, "
+              f"{h.precision} (once; cached in {path})")
     res = train_once(h, None, None, cfg, None, None, None, val_loader, d, train_set=real)
     out = {"top1": res["best"], "last": res["last"], "history": res["history"], "seconds": round(res["seconds"], 2),
            "recipe": key, "versions": common.package_versions(), "device": common.device_name(d.device)}
@@ -713,7 +727,7 @@ def export_ddranking(args, folder, images, targets, rows, out_dir, d):
         raise common.UserError("export one teacher for DD-Ranking (--teacher with one architecture)")
     model_name, torchvision_variant = ddranking_model(args.teacher)
     dd_name, dd_mean, dd_std = DDRANKING_DATASETS.get(args.dataset, (args.dataset, info.mean, info.std))
-    teacher = load_teachers(args, d.device)
+    teacher = load_teachers(args, d.device, cast=False)  # the file gets the fp32 weights, whatever --precision
     if any(isinstance(m, torch.nn.GroupNorm) for m in teacher.modules()):  # an instance-norm ConvNet: its default
         model_name = model_name.removesuffix("-BN")
     path = os.path.join(folder, "soft_labels.pt")
@@ -723,7 +737,7 @@ def export_ddranking(args, folder, images, targets, rows, out_dir, d):
         source = "the set's soft_labels.pt"
     else:
         soft = ensemble_logits(teacher, images, args, d.device)
-        source = f"teacher {args.teacher} on the unaugmented images (static labels)"
+        source = f"teacher {args.teacher} on the unaugmented images (static labels, {args.precision})"
     os.makedirs(out_dir, exist_ok=True)
     ckpt = os.path.join(out_dir, "teacher_models", dd_name, model_name, "ckpt_best.pt")
     os.makedirs(os.path.dirname(ckpt), exist_ok=True)
@@ -775,6 +789,7 @@ def main(argv=None):
 
     # --- dry run: the resolved recipe, nothing loaded or trained ---
     if args.dry_run:
+        resolve_execution(args, common.pick_device(args.device))
         ipc = args.ipc or (class_folders_ipc(folder) if folder else args.random_real)
         cfg = recipe_for(args, ipc, ipc * info.num_classes)
         if args.label_mode == "fkd" and folder and os.path.isfile(common.fkd_path(folder, "meta.json")):
@@ -788,6 +803,7 @@ def main(argv=None):
             print(f"  {k:14s} {json.dumps(v)}")
         return resolved
     d = common.dist_setup(args.device)
+    resolve_execution(args, d.device)
     if d.main:
         print(preset_line)
     classes = common.class_list(args.dataset, args.data_path)

@@ -20,6 +20,7 @@ import copy
 import math
 import os
 import random
+import statistics
 import sys
 import time
 
@@ -33,8 +34,9 @@ import common  # noqa: E402
 import delt  # noqa: E402
 
 CUDA_DEFAULTS = dict(arch="resnet18", size=224, classes=1000, batch_size=100, ipc=10, iterations=1000,
-                     round_itr=250, steps=100)  # the issue's ImageNet setting: IPC 10 -> 10 classes per batch
-CPU_DEFAULTS = dict(arch="conv3", size=32, classes=10, batch_size=8, ipc=4, iterations=8, round_itr=2, steps=6)
+                     round_itr=250, steps=100, repeats=3)  # the issue's ImageNet setting: IPC 10 -> 10 classes per batch
+CPU_DEFAULTS = dict(arch="conv3", size=32, classes=10, batch_size=8, ipc=4, iterations=8, round_itr=2, steps=10,
+                    repeats=5)
 
 
 class OfficialBNHook:
@@ -78,11 +80,11 @@ def official_recover(model, hooks, x0, y, iterations, args, mean, std):
 
 def timed(fn, device):
     if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     t0 = time.perf_counter()
     fn()
     if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     return time.perf_counter() - t0
 
 
@@ -98,10 +100,16 @@ def main():
     p.add_argument("--round-itr", type=int, default=None, help="EarlyLate round length R")
     p.add_argument("--steps", type=int, default=None, help="extra iterations of the long run of each ms/iteration figure")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="interleaved repeats of every timing; medians and min/max are printed (default 5 CPU, 3 CUDA)")
     p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false", help="project step without CUDA graphs")
     common.add_precision_arg(p)
     args = p.parse_args()
+    load0 = os.getloadavg()[0]
     device = common.pick_device(args.device)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))  # a bare "cuda" is the current device; cuda:N becomes it
+    args.precision = common.resolve_precision(args.precision, device)
     cuda = device.startswith("cuda")
     for k, v in (CUDA_DEFAULTS if cuda else CPU_DEFAULTS).items():
         if getattr(args, k) is None:
@@ -128,7 +136,7 @@ def main():
     y = (torch.arange(args.batch_size) // args.ipc % args.classes).to(device)
     print(f"device {common.device_name(device)}, torch threads {torch.get_num_threads()}; teacher {args.arch} "
           f"({args.classes} classes), batch {args.batch_size} at {args.size}px, project precision "
-          f"{common.resolve_precision(args.precision, device)}, CUDA graphs {'on' if cuda and args.cuda_graph else 'off'}")
+          f"{args.precision}, CUDA graphs {'on' if cuda and args.cuda_graph else 'off'}; load average {load0:.2f}")
 
     def ours(iterations, early_late=False, graphs=args.cuda_graph):
         """delt.py's recover of the batch; with early_late, image i has in-class rank i mod IPC."""
@@ -142,26 +150,42 @@ def main():
         return (run(short + args.steps) - run(short)) / args.steps * 1000
 
     short = max(4, args.steps // 5)
-    ms_ours = per_iteration(ours, short)
     hooks = [OfficialBNHook(m) for m in fp32_teacher.modules() if isinstance(m, nn.BatchNorm2d)]
-    ms_official = per_iteration(lambda n: timed(lambda: official_recover(fp32_teacher, hooks, x0, y, n, rargs, mean, std),
-                                                device), short)
+    runs = {"project recover step": ours,
+            "official SRe2L/DELT loop": lambda n: timed(lambda: official_recover(fp32_teacher, hooks, x0, y, n, rargs, mean,
+                                                                                std), device)}
+    if cuda and args.cuda_graph:
+        runs["project step, no CUDA graph"] = lambda n: ours(n, graphs=False)
+    for run in runs.values():
+        run(short)  # warm-up: cuDNN benchmarks this shape, kernels load
+    ms = {name: [] for name in runs}
+    for _ in range(args.repeats):  # interleaved, so that a change of load hits every contender alike
+        for name, run in runs.items():
+            ms[name].append((run(short + args.steps) - run(short)) / args.steps * 1000)
     for h in hooks:
         h.hook.remove()
-    print(f"project recover step       {ms_ours:9.3f} ms/iteration")
-    if cuda and args.cuda_graph:
-        print(f"project step, no CUDA graph {per_iteration(lambda n: ours(n, graphs=False), short):9.3f} ms/iteration")
-    print(f"official SRe2L/DELT loop   {ms_official:9.3f} ms/iteration (fp32, torchvision transforms, per-layer hooks)")
-    print(f"speed-up                   {ms_official / ms_ours:9.2f}x")
+    for name, values in ms.items():
+        note = " (fp32, torchvision transforms, per-layer hooks)" if name.startswith("official") else ""
+        print(f"{name:27s} {statistics.median(values):9.3f} ms/iteration median (min {min(values):.3f}, max "
+              f"{max(values):.3f} over {args.repeats} interleaved repeats){note}")
+    ours_ms, official_ms = ms["project recover step"], ms["official SRe2L/DELT loop"]
+    paired = [o / p for o, p in zip(official_ms, ours_ms)]
+    print(f"speed-up                   {statistics.median(official_ms) / statistics.median(ours_ms):9.2f}x "
+          f"(ratio of the medians; per repeat {min(paired):.2f}x to {max(paired):.2f}x)")
 
     sched = delt.early_late_schedule(args.ipc, args.iterations, args.round_itr)
     t_cold = ours(args.iterations, early_late=True)  # first run: cuDNN meets each active-set size once
-    t_el, t_all = ours(args.iterations, early_late=True), ours(args.iterations)
-    print(f"EarlyLate {t_el:9.3f} s vs all-at-T {t_all:9.3f} s = {t_el / t_all:.3f} of the time for "
+    t_el, t_all = [], []
+    for _ in range(args.repeats):
+        t_el.append(ours(args.iterations, early_late=True))
+        t_all.append(ours(args.iterations))
+    el, al = statistics.median(t_el), statistics.median(t_all)
+    print(f"EarlyLate {el:9.3f} s vs all-at-T {al:9.3f} s = {el / al:.3f} of the time for "
           f"{sched['fraction_of_all_at_T']:.3f} of the image-iterations (IPC {args.ipc}, T {args.iterations}, "
-          f"rounds of {args.round_itr}; groups {sched['group_sizes']})")
+          f"rounds of {args.round_itr}; groups {sched['group_sizes']}; medians of {args.repeats})")
     print(f"EarlyLate first run {t_cold:9.3f} s (includes cuDNN's one-time algorithm search for each new active-set "
           f"size; cached for the process)")
+    print(f"load average (1 min) {load0:.2f} at the start, {os.getloadavg()[0]:.2f} at the end, {os.cpu_count()} cores")
     hook.remove()
 
 

@@ -41,6 +41,9 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     device = common.pick_device(args.device)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))  # cuda:N: streams and syncs act on it
+    args.precision = common.resolve_precision(args.precision, device)  # one arithmetic for every call below
     cuda = device.startswith("cuda")
     if cuda:
         torch.backends.cudnn.benchmark = True
@@ -57,13 +60,14 @@ def main():
                                                                      torch.zeros(8, dtype=torch.long)), batch_size=8)
     print(f"device {common.device_name(device)}, torch threads {torch.get_num_threads()}; {args.arch} at {args.size}px, "
           f"{args.classes} classes, batch {args.batch_size}, {args.workers} workers, precision "
-          f"{common.resolve_precision(args.precision, device)}")
+          f"{args.precision}")
     limit = {with_teacher: compute_bound(args, teacher if with_teacher else None, device) for with_teacher in (True, False)}
     print(f"limit   {limit[True]:9.1f} images/s   compute-bound: student fwd+bwd+AdamW + teacher fwd, data on the device")
     print(f"limit   {limit[False]:9.1f} images/s   compute-bound without the teacher (stored/static/hard labels)")
     wheres = ("loader", "device") if args.augment_on == "both" else (args.augment_on,)
     with tempfile.TemporaryDirectory() as tmp:
-        common.fkd_generate(images, teacher, tmp, args.epochs + 1, args.batch_size, args.size, mean, std, device=device)
+        common.fkd_generate(images, teacher, tmp, args.epochs + 1, args.batch_size, args.size, mean, std, device=device,
+                            precision=args.precision)
         for protocol, labels, mix in (("rded", "teacher", "cutmix"), ("fkd", "fkd", "cutmix"),
                                       ("static", "static", "mixup"), ("hard", "hard", "cutmix")):
             for where in wheres if labels != "fkd" else ("loader",):  # FKD replay rebuilds stored views exactly
@@ -107,7 +111,7 @@ def compute_bound(args, teacher, device, steps=None):
             loss.backward()
             opt.step()
         if cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
 
     run(2)  # warm-up
     t0 = time.perf_counter()

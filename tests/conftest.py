@@ -42,6 +42,16 @@ def run_script(script, *args, check=True, timeout=900, env=None):
     return proc
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` are skipped, with the reason, where torch sees no CUDA device."""
+    cuda_tests = [item for item in items if item.get_closest_marker("cuda")]
+    if cuda_tests:
+        import torch
+        if not torch.cuda.is_available():
+            for item in cuda_tests:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU; none is visible to torch"))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _worker_threads():
     """Under pytest-xdist, this worker's share of the cores as torch's thread count; restored at the end."""
