@@ -351,3 +351,24 @@ def test_sigterm_to_the_process_group_with_workers_is_a_clean_stop(tmp_path, fir
     fails_with(subprocess.CompletedProcess(cmd, proc.returncode, "", err),
                "interrupted: rerun the same command to resume", 143)
     assert "DataLoader worker" not in err and hashes(folder) == before
+
+
+def test_damaged_cached_latents_are_encoded_again(tiny_sd, tmp_path, monkeypatch, capsys):
+    import d4m
+    monkeypatch.setenv("DD_CACHE", str(tmp_path / "cache"))
+    small = ["--model", tiny_sd, "--size", "64", "--steps", "4", "--ttm-epochs", "0", "--workers", "0", "--ipc", "1"]
+    d4m.main([*small, "--out", str(tmp_path / "a")])
+    cache = json.load(open(tmp_path / "a" / "run.json"))["latent_cache"]["path"]
+    whole = {f: open(os.path.join(cache, f), "rb").read() for f in sorted(os.listdir(cache))}
+    cut = os.path.join(cache, "00003.pt")
+    with open(cut, "wb") as f:
+        f.write(whole["00003.pt"][:200])
+    torch.save(torch.zeros(2, 3), os.path.join(cache, "00005.pt"))  # readable, but not this class's latents
+    capsys.readouterr()
+    d4m.main([*small, "--out", str(tmp_path / "b")])
+    out = capsys.readouterr().out
+    assert f"note: the cached D4M latents of class 3 {cut} was damaged" in out
+    assert "D4M latents of class 5" in out and "not [" in out
+    assert json.load(open(tmp_path / "b" / "run.json"))["latent_cache"]["reused_classes"] == 8
+    assert {f: open(os.path.join(cache, f), "rb").read() for f in whole} == whole  # encoded again, the same bytes
+    assert hashes(tmp_path / "a" / "00003") == hashes(tmp_path / "b" / "00003")  # same latents, same prototypes and images
