@@ -917,6 +917,8 @@ def read_cached(path, what, load):
         reason = reason if len(reason) < 160 else reason[:157] + "..."
         try:
             shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+        except FileNotFoundError:
+            pass  # another process (rank) found it damaged too and removed it
         except OSError as err:
             raise UserError(f"the cached {what} {path} is damaged ({reason}) and cannot be removed "
                             f"({err.strerror or err}): delete it") from e

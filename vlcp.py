@@ -545,6 +545,10 @@ def main(argv=None):
     if not args.out:
         raise common.UserError("--out is required: the folder of the distilled set")
     common.check_out_folder(args.out)
+    if args.finetuned:
+        common.check_out_folder(args.finetuned, "--finetuned")
+    if args.captions and not os.path.lexists(args.captions):  # a captions file to write
+        common.check_out_folder(os.path.dirname(os.path.abspath(args.captions)), "the folder of --captions")
     if args.ipc < 1 or (args.max_per_class is not None and args.max_per_class < args.ipc):
         raise common.UserError(f"--ipc {args.ipc} must be >= 1 and <= --max-per-class {args.max_per_class}")
     if args.eval and not os.path.isfile(os.path.join(common.ROOT, "validate_fkd.py")):
