@@ -416,7 +416,7 @@ def main(argv=None):
     labels_path = os.path.join(args.out, "soft_labels.pt")
     labelled = common.set_identity(args.out) if d.main else None
     if d.main and os.path.lexists(labels_path) and not labels_fit(labels_path, labelled, C):
-        print(f"note: {labels_path} does not fit the written set (another set's or damaged); computing it again")
+        print(f"note: {labels_path} is damaged, another set's or lacks the set's identity; computing it again")
         os.remove(labels_path)
     if d.main and not os.path.isfile(labels_path):
         with run.stage("soft_labels", items=C * len(ids)):
