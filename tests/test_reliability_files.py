@@ -232,17 +232,19 @@ def test_cache_that_is_a_file_or_under_a_file_is_one_sentence(tmp_path):
         common.make_cache_dir(str(cache / "teachers"))
 
 
-def test_damaged_digits_teacher_is_retrained(tmp_path, monkeypatch, capsys, digits_conv3):
-    path = tmp_path / "teachers" / "digits_conv3_seed0_ep3.pt"
+def test_damaged_digits_teacher_is_retrained(tmp_path, monkeypatch, capsys):
+    """A teacher file cut short (a full disk) is retrained in place, with one line; one epoch keeps the test cheap."""
+    path = tmp_path / "teachers" / "digits_conv3_seed0_ep1.pt"
     os.makedirs(path.parent)
-    path.write_bytes(open(os.path.join(ROOT_CACHE, "teachers", path.name), "rb").read()[:1000])  # cut short (full disk)
+    torch.save({"model": common.build_model("conv3", 10, 32).state_dict()}, tmp_path / "whole.pt")
+    path.write_bytes((tmp_path / "whole.pt").read_bytes()[:1000])
     monkeypatch.setenv("DD_CACHE", str(tmp_path))
-    model = common.digits_teacher("conv3", verbose=False)
+    model = common.digits_teacher("conv3", epochs=1, verbose=False)
     assert f"note: the cached digits teacher conv3 {path} was damaged" in capsys.readouterr().out
     record = torch.load(path, weights_only=True)  # rebuilt whole: a working teacher again
-    assert record["arch"] == "conv3" and record["acc"] > 80
-    assert record["model"].keys() == digits_conv3.state_dict().keys()
+    assert record["arch"] == "conv3" and record["epochs"] == 1 and record["acc"] > 50
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), record["model"].values()))
+    assert common.digits_teacher("conv3", epochs=1, verbose=False) is not None and not capsys.readouterr().out  # read back
 
 
 def test_damaged_cached_ranking_is_ranked_again(tmp_path):
