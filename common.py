@@ -81,8 +81,34 @@ def _elastic_error(sentence):
                                                                           "timestamp": str(int(time.time()))}}}, f)
 
 
+_SIGNALLED = []  # the signals this process received (a DataLoader worker that died of the same stop is no error)
+
+
 def _interrupt(signum, frame):
+    _SIGNALLED.append(signum)
     raise KeyboardInterrupt(signum)
+
+
+def _sigint(signum, frame):
+    _SIGNALLED.append(signum)
+    raise KeyboardInterrupt()
+
+
+def quiet_worker(worker_id=None):
+    """DataLoader worker_init_fn: a worker leaves SIGINT and SIGTERM to the main process, so a stop sent to
+    the whole process group (Ctrl-C, `timeout`, SLURM, systemd) ends the run with one sentence, whichever
+    process it reaches first. SIGINT is ignored; SIGTERM ends the worker with exit code 0, which the
+    DataLoader does not report (torch's own worker handler re-raises a SIGTERM that is not its parent's,
+    and the main then fails with "worker ... killed by signal: Terminated")."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *a: os._exit(0))
+
+
+def _worker_stopped(e):
+    """A DataLoader's error about a worker that died or quit, after this process was sent SIGINT/SIGTERM."""
+    return isinstance(e, RuntimeError) and "DataLoader worker" in str(e) and (
+        bool(_SIGNALLED) or "Terminated" in str(e) or "Interrupt" in str(e))
 
 
 def run_cli(main):
@@ -91,10 +117,16 @@ def run_cli(main):
     one line and exit code 130/143: every file is written atomically, so a rerun resumes. A fresh --out
     of a start that failed before doing any work is removed again (RunDir.rollback_failed_start)."""
     import signal
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored (nohup, &)
+    signal.signal(signal.SIGINT, _sigint)  # also when started with SIGINT ignored (nohup, &)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        main()
+        try:
+            main()
+        except RuntimeError as e:
+            if _worker_stopped(e):  # a worker reached by the same stop first: the stop, not a failure
+                raise KeyboardInterrupt(*([signal.SIGTERM] if signal.SIGTERM in _SIGNALLED or "Terminated" in str(e)
+                                          else [])) from None
+            raise
     except UserError as e:
         sentence = f"error: {user_sentence(e)}"
         RunDir.rollback_failed_start()
@@ -103,6 +135,9 @@ def run_cli(main):
         sys.exit(2)
     except KeyboardInterrupt as e:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up below
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        with contextlib.suppress(ValueError, OSError):  # torch's SIGCHLD check must not raise about workers that quit
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         if os.environ.get("RANK", "0") == "0":
             print("interrupted: rerun the same command to resume where it stopped", file=sys.stderr)
         sys.exit(143 if e.args == (signal.SIGTERM,) else 130)
@@ -343,7 +378,7 @@ def stack_images(ds, indices, batch_size=256, workers=0):
     """Load ds[i] for i in indices into one tensor (images) and one label tensor."""
     sub = torch.utils.data.Subset(ds, list(indices))
     xs, ys = [], []
-    for x, y in torch.utils.data.DataLoader(sub, batch_size=batch_size, num_workers=workers):
+    for x, y in torch.utils.data.DataLoader(sub, batch_size=batch_size, num_workers=workers, worker_init_fn=quiet_worker):
         xs.append(x)
         ys.append(y)
     return torch.cat(xs), torch.cat(ys)
@@ -752,7 +787,7 @@ def load_state(model, path, what="checkpoint"):
     convnet_keys), and RDED's classifier that was built 1000-way and sliced to the first C rows.
     Always weights_only=True."""
     if not os.path.isfile(path):
-        raise UserError(f"{what} {path} does not exist")
+        raise UserError(f"{what} {path} {'is a folder, not a checkpoint file' if os.path.isdir(path) else 'does not exist'}")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -920,7 +955,45 @@ def resolve_norm(dataset, teacher_paths=(), mean=None, std=None, norm="auto", de
 
 def cache_dir():
     """Where digits teachers and shared artefacts are cached: $DD_CACHE, else ~/.cache/dd-reference."""
-    return os.environ.get("DD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dd-reference")
+    path = os.environ.get("DD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dd-reference")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"the cache folder {path} ($DD_CACHE) is a file, not a folder: point DD_CACHE at a folder")
+    return path
+
+
+def make_cache_dir(path):
+    """Create a folder under the cache before writing into it; a cache that cannot be written is one sentence."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as e:
+        raise UserError(f"cannot write in the cache folder {path} ({e.strerror or e}): point DD_CACHE at a "
+                        f"writable folder") from e
+    return path
+
+
+def read_cached(path, what, load):
+    """Validate-or-rebuild, for every artefact under $DD_CACHE: `load(path)` returns the artefact and raises on
+    anything damaged (unreadable, cut short, wrong keys, shapes or counts). Returns None when the entry is absent
+    or was damaged; a damaged entry is removed with one line saying so, and the caller rebuilds it. One that
+    cannot be removed is refused in one sentence naming it."""
+    if not os.path.lexists(path):
+        return None
+    try:
+        return load(path)
+    except Exception as e:
+        reason = user_sentence(e) if isinstance(e, UserError) else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        reason = reason if len(reason) < 160 else reason[:157] + "..."
+        try:
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+        except FileNotFoundError:
+            pass  # another process (rank) found it damaged too and removed it
+        except OSError as err:
+            raise UserError(f"the cached {what} {path} is damaged ({reason}) and cannot be removed "
+                            f"({err.strerror or err}): delete it") from e
+        print(f"note: the cached {what} {path} was damaged ({reason}); removed it, rebuilding it")
+        return None
 
 
 def weights_hash(model):
@@ -954,14 +1027,20 @@ def file_digest(path):
     IPC reads a 14 GB model once."""
     st = os.stat(path)
     memo = cache_path("file_digests", [os.path.realpath(path), st.st_size, st.st_mtime_ns], ".txt")
-    if os.path.isfile(memo):
-        with open(memo) as f:
-            return f.read()
+
+    def load(p):
+        with open(p) as f:
+            digest = f.read()
+        if not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise ValueError("not a sha256 digest")
+        return digest
+    if (digest := read_cached(memo, "file digest", load)) is not None:
+        return digest
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
             h.update(chunk)
-    os.makedirs(os.path.dirname(memo), exist_ok=True)
+    make_cache_dir(os.path.dirname(memo))
     with open(f"{memo}.tmp{os.getpid()}", "w") as f:
         f.write(h.hexdigest())
     os.replace(f"{memo}.tmp{os.getpid()}", memo)
@@ -995,14 +1074,13 @@ def digits_teacher(arch, seed=0, epochs=DIGITS_TEACHER_EPOCHS, verbose=True):
     it with its test accuracy and training time, and return it (frozen, eval mode)."""
     path = os.path.join(cache_dir(), "teachers", f"digits_{arch}_seed{seed}_ep{epochs}.pt")
     model = build_model(arch, 10, 32)
-    if os.path.isfile(path):
-        load_state(model, path, "cached digits teacher")
+    load = lambda p: load_state(model, p, "cached digits teacher")  # noqa: E731  damaged or not this arch: retrained
+    if read_cached(path, f"digits teacher {arch}", load) is not None:
         return freeze(model)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    make_cache_dir(os.path.dirname(path))
     with open(path + ".lock", "a") as lock:  # two runs started together: one trains, the other waits and loads
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if os.path.isfile(path):
-            load_state(model, path, "cached digits teacher")
+        if read_cached(path, f"digits teacher {arch}", load) is not None:
             return freeze(model)
         return _train_digits_teacher(arch, seed, epochs, path, verbose)
 
@@ -1332,6 +1410,21 @@ def atomic_write_json(path, obj):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def check_out_folder(path, flag="--out"):
+    """An output folder flag checked before any work: an existing folder, or one that can be created (its
+    nearest existing ancestor is a writable folder)."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if probe == os.path.abspath(path) and not os.path.isdir(probe):
+        raise UserError(f"{flag} {path} is a file, not a folder")
+    if not os.path.isdir(probe):
+        raise UserError(f"cannot create {flag} {path}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write in {flag} {path}: {probe} is not writable")
+    return path
 
 
 def atomic_torch_save(obj, path):
@@ -1772,6 +1865,20 @@ def load_image_set(folder, classes, ipc=None, size=None, return_rows=False):
     return out + (torch.tensor(rows),) if return_rows else out
 
 
+def set_identity(folder):
+    """{"images": count, "digest": sha256 of the relative path and bytes of each image, in ImageFolder order}: which
+    set stored labels (soft_labels.pt, the FKD store) were made for, recorded with them and checked before training."""
+    h, n = hashlib.sha256(), 0
+    for d in sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith(".") and e.name != "fkd"):
+        for f in sorted(os.listdir(os.path.join(folder, d))):
+            if f.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")):
+                h.update(f"{d}/{f}\0".encode())
+                with open(os.path.join(folder, d, f), "rb") as fh:
+                    h.update(hashlib.sha256(fh.read()).digest())
+                n += 1
+    return {"images": n, "digest": h.hexdigest()[:16]}
+
+
 class ShufflePatches:
     """RDED: cut the image into `factor` vertical strips and shuffle them, then the same for
     horizontal strips (a random permutation of the stitched patches). Identity for factor 1."""
@@ -2130,6 +2237,12 @@ def fkd_generate(images, teacher, out_dir, epochs, batch_size, size, mean, std, 
     os.makedirs(out_dir, exist_ok=True)
     n, _, h, w = images.shape
     rrc = T.RandomResizedCrop(size, scale=(min_scale, 1.0))
+    meta_path = os.path.join(out_dir, FKD_PREFIX + "meta.json")
+    if start_epoch == 0 or not os.path.isfile(meta_path):  # which set the labels belong to, checked by the validator
+        labelled_set = set_identity(out_dir)
+    else:
+        with open(meta_path) as f:
+            labelled_set = json.load(f).get("set")
     for epoch in range(start_epoch, epochs):
         path = fkd_path(out_dir, f"epoch_{epoch:04d}.pt")
         if os.path.isfile(path):
@@ -2149,9 +2262,10 @@ def fkd_generate(images, teacher, out_dir, epochs, batch_size, size, mean, std, 
             with torch.no_grad(), autocast(device, precision):
                 rec["logits"].append(teacher(x).float().half().cpu())
         atomic_torch_save(rec, path)
-    atomic_write_json(os.path.join(out_dir, FKD_PREFIX + "meta.json"), {
+    atomic_write_json(meta_path, {
         "epochs": epochs, "batch_size": batch_size, "size": size, "mix": mix, "alpha": alpha,
-        "min_scale": min_scale, "flip": flip, "seed": seed, "images": n, "mean": list(mean), "std": list(std)})
+        "min_scale": min_scale, "flip": flip, "seed": seed, "images": n, "mean": list(mean), "std": list(std),
+        "set": labelled_set})
 
 
 class FKDReplay(torch.utils.data.Dataset):
@@ -2241,7 +2355,8 @@ def train_student(student, cfg, val_loader, device, train_set=None, teacher=None
                                     torch.Generator().manual_seed(cfg.seed * 7919 + d.rank + 104729))
         else:
             loader = torch.utils.data.DataLoader(train_set, per_rank, sampler=sampler, num_workers=cfg.workers,
-                                                 drop_last=drop_last, pin_memory=cuda, persistent_workers=cfg.workers > 0)
+                                                 drop_last=drop_last, pin_memory=cuda, persistent_workers=cfg.workers > 0,
+                                                 worker_init_fn=quiet_worker)
     history, seen, waited, t0 = [], 0, 0.0, time.time()
     for epoch in range(cfg.epochs):
         model.train()
@@ -2249,7 +2364,7 @@ def train_student(student, cfg, val_loader, device, train_set=None, teacher=None
             loader.sampler.set_epoch(epoch)
         batches = loader if loader is not None else torch.utils.data.DataLoader(
             FKDReplay(fkd["images"], fkd["dir"], epoch, fkd["size"], fkd["mean"], fkd["std"], d.rank, d.world),
-            batch_size=None, shuffle=False, num_workers=cfg.workers, pin_memory=cuda)
+            batch_size=None, shuffle=False, num_workers=cfg.workers, pin_memory=cuda, worker_init_fn=quiet_worker)
         total, steps = torch.zeros((), device=device), 0
         batches, t_wait = iter(batches), time.time()
         for batch in batches:

@@ -192,7 +192,8 @@ def encoded_classes(ds, class_indices, vae, args):
     batches = [(c, idx[s:s + args.encode_batch_size].tolist()) for c, idx in class_indices
                for s in range(0, len(idx), args.encode_batch_size)]
     workers = 0 if args.dataset == "digits" else args.workers  # digits lives in memory: workers only cost
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=[b for _, b in batches], num_workers=workers)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=[b for _, b in batches], num_workers=workers,
+                                         worker_init_fn=common.quiet_worker)
     for (c, batch), (x, _) in zip(batches, loader):
         yield c, encode_latents(vae, x, [image_seed(args.seed, 1, i) for i in batch], args.latent).flatten(1).cpu()
 
@@ -269,6 +270,9 @@ def main(argv=None):
         raise common.UserError("--eval-protocol fkd replays stored TTM labels: set --ttm-epochs to at least 1")
     if args.eval and args.eval_protocol == "fkd" and args.eval_epochs and args.eval_epochs > args.ttm_epochs:
         raise common.UserError(f"--eval-epochs {args.eval_epochs} exceeds the {args.ttm_epochs} stored TTM epochs")
+    common.check_out_folder(args.out)
+    if args.save_latents:
+        common.check_out_folder(args.save_latents, "--save-latents")
     d = common.dist_setup(args.device)
     common.seed_everything(args.seed)
     classes = common.class_list(args.dataset, args.data_path)
@@ -310,7 +314,15 @@ def main(argv=None):
             "dataset": args.dataset, "data_path": os.path.abspath(args.data_path) if args.data_path else None,
             "files": common.content_hash([paths, targets.tolist()]), "vae": common.weights_hash(pipe.vae),
             "dtype": str(pipe.vae.dtype), "size": args.size, "latent": args.latent, "seed": args.seed}, "")
-        cached = {c for c in todo if args.latent_cache and os.path.isfile(os.path.join(cache, f"{c:05d}.pt"))}
+        def check_latents(c):  # one class's cached latents: [its training images, C*h*w] floats, else encoded again
+            def load(p):
+                z = torch.load(p, weights_only=True, mmap=True)
+                if not (torch.is_tensor(z) and z.is_floating_point() and tuple(z.shape) == (int(counts[c]), int(np.prod(shape)))):
+                    raise ValueError(f"not [{int(counts[c])}, {int(np.prod(shape))}] latents")
+                return True
+            return common.read_cached(os.path.join(cache, f"{c:05d}.pt"), f"D4M latents of class {c}", load)
+
+        cached = {c for c in todo if args.latent_cache and check_latents(c)}
         run.record["latent_cache"] = {"path": cache if args.latent_cache else None, "reused_classes": len(cached)}
 
         def class_latents():  # (class, latent batches): from the cache, or encoded (streamed) and then cached
@@ -325,7 +337,7 @@ def main(argv=None):
             for c, batches in tqdm(class_latents(), total=len(todo), desc="prototypes", disable=not d.main):
                 centres, latents = kmeans_prototypes(batches, args.prototypes, args.km_expand, args.kmeans, args.seed)
                 if args.latent_cache and c not in cached:
-                    os.makedirs(cache, exist_ok=True)
+                    common.make_cache_dir(cache)
                     common.atomic_torch_save(latents, os.path.join(cache, f"{c:05d}.pt"))
                 if args.save_latents:
                     os.makedirs(args.save_latents, exist_ok=True)

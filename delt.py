@@ -111,8 +111,9 @@ def build_parser():
     g.add_argument("--selection", default=None, choices=("medium", "top", "min", "random"),
                    help="which real images initialise each class (DELT: medium)")
     g.add_argument("--ranking-file", default=None,
-                   help="ranking CSV to reuse or write (default: $DD_CACHE/delt_ranking/<hash of dataset, teacher "
-                        "and its weights>.csv, so a loop over IPC ranks once; a copy goes to <out>/ranking.csv)")
+                   help="ranking CSV to reuse (ours, or the official D:data_selection.py --store-rank-file CSV: "
+                        "score, img_path, class) or to write when absent (default: $DD_CACHE/delt_ranking/<hash of "
+                        "dataset, teacher and its weights>.csv, so a loop over IPC ranks once; a copy goes to <out>/ranking.csv)")
     g.add_argument("--init", default=None, choices=("real", "noise"), help="real selected images (DELT) or N(0,1) (SRe2L/CDA)")
     g = p.add_argument_group("recover (D:recover/recover.py get_images)")
     g.add_argument("--iterations", type=int, default=None, help="iterations T of a batch (ITR)")
@@ -143,7 +144,7 @@ def build_parser():
 @torch.no_grad()
 def true_class_probability(teacher, ds, chunks, device, workers, precision="auto"):
     """Teacher softmax probability of each image's true class, one batch per chunk of indices."""
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=chunks, num_workers=workers)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=chunks, num_workers=workers, worker_init_fn=common.quiet_worker)
     scores = []
     for x, y in tqdm(loader, desc="ranking", leave=False):
         with common.autocast(device, precision):
@@ -184,25 +185,62 @@ def write_ranking(path, rows, classes):
     Adds `index` (position in the dataset) so in-memory datasets need no file path."""
     rows = sorted(rows, key=lambda r: (r[2], -r[0], r[1]))
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["score", "img_path", "class", "index"])
-        for score, index, c, path_ in rows:
-            w.writerow([repr(score), path_, classes[c]["id"], index])
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["score", "img_path", "class", "index"])
+            for score, index, c, path_ in rows:
+                w.writerow([repr(score), path_, classes[c]["id"], index])
+        os.replace(tmp, path)
+    except BaseException as e:  # interrupted or not writable: no temp file left behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise common.UserError(f"cannot write the ranking file {path}: {e.strerror or e}") from e
+        raise
 
 
-def read_ranking(path, classes, targets, paths):
-    """{class index: [(score, dataset index)]}; refuses a CSV made for other data."""
+def read_ranking(path, classes, targets, paths, counts):
+    """{class index: [(score, dataset index)]} from our CSV (score, img_path, class, index) or the official one
+    (D:data_selection.py rank: score, img_path, class, where img_path is <class folder>/<file> under the train
+    folder; an unnamed pandas index column is ignored). One row per training image of every class, each for
+    this dataset's image and class; anything else (other data, a cut or damaged file) stops in one sentence."""
+    if os.path.isdir(path):
+        raise common.UserError(f"ranking file {path} is a folder, not a CSV")
     ids = {c["id"]: c["index"] for c in classes}
-    out = {c: [] for c in range(len(classes))}
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            i, c = int(row["index"]), ids.get(row["class"])
-            if c is None or i >= len(targets) or targets[i] != c or (paths and paths[i] != row["img_path"]):
-                raise common.UserError(f"ranking file {path} does not match this dataset (row {row}); "
-                                       f"delete it or pass another --ranking-file")
-            out[c].append((float(row["score"]), i))
+    by_path = {p: i for i, p in enumerate(paths)} if paths else None
+    out, seen = {c: [] for c in range(len(classes))}, set()
+    fix = "delete it or pass another --ranking-file"
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            columns = set(reader.fieldnames or ())
+            if not {"score", "img_path", "class"} <= columns:
+                raise common.UserError(f"ranking file {path} has the columns {sorted(columns)}, not score, img_path, "
+                                       f"class (the official DELT CSV) nor also index (ours): {fix}")
+            if "index" not in columns and by_path is None:
+                raise common.UserError(f"ranking file {path} has no index column, and the official layout's img_path "
+                                       f"needs an image folder dataset: rank again without --ranking-file")
+            for row in reader:
+                try:
+                    score = float(row["score"])
+                    i = int(row["index"]) if "index" in columns else by_path[row["img_path"]]
+                    c = ids[row["class"]]
+                except (TypeError, ValueError, KeyError):
+                    raise common.UserError(f"ranking file {path} line {reader.line_num} is cut short or names an image "
+                                           f"or class this dataset does not have: {fix}") from None
+                if not (0 <= i < len(targets)) or targets[i] != c or (paths and paths[i] != row["img_path"]) \
+                        or not math.isfinite(score) or i in seen:
+                    raise common.UserError(f"ranking file {path} line {reader.line_num} does not match this dataset "
+                                           f"({row['img_path']} as class {row['class']}): {fix}")
+                seen.add(i)
+                out[c].append((score, i))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise common.UserError(f"ranking file {path} is not a readable CSV ({e.__class__.__name__}): {fix}") from e
+    for c in range(len(classes)):
+        if len(out[c]) != counts[c]:
+            raise common.UserError(f"ranking file {path} has {len(out[c])} rows for class {c}, the dataset "
+                                   f"{int(counts[c])}: {fix}")
     return out
 
 
@@ -450,7 +488,13 @@ def main(argv=None):
     if args.early_late and (args.round_itr <= 0 or args.iterations % args.round_itr):
         raise common.UserError(f"EarlyLate needs --iterations ({args.iterations}) to be a positive multiple of "
                                f"--round-itr ({args.round_itr}); or pass --no-early-late")
-    args.out = args.out or os.path.join("runs", f"delt_{args.dataset}_ipc{args.ipc}")
+    args.out = common.check_out_folder(args.out or os.path.join("runs", f"delt_{args.dataset}_ipc{args.ipc}"))
+    if args.ranking_file and os.path.isdir(args.ranking_file):
+        raise common.UserError(f"--ranking-file {args.ranking_file} is a folder, not a ranking CSV")
+    if args.ranking_file and not os.path.lexists(args.ranking_file) and not os.path.isdir(
+            os.path.dirname(os.path.abspath(args.ranking_file))):
+        raise common.UserError(f"--ranking-file {args.ranking_file} does not exist and its folder does not either: "
+                               f"give an existing CSV, or a path in an existing folder to write the ranking to")
     d = common.dist_setup(args.device)
     args.precision = common.resolve_precision(args.precision, d.device)  # recorded (and resumed) as what runs
     common.seed_everything(args.seed)
@@ -511,8 +555,17 @@ def main(argv=None):
             "dataset": args.dataset, "data_path": os.path.abspath(args.data_path) if args.data_path else None,
             "files": common.content_hash([paths, targets]), "teacher": args.teacher,
             "weights": common.weights_hash(teacher), "mean": list(mean), "std": list(std), "size": size}, ".csv")
+        load = lambda p: read_ranking(p, classes, targets, paths, counts)  # noqa: E731
         with run.stage("selection", items=sum(len(by_class[c]) for c in my_classes)):
-            ranking_reused = os.path.isfile(ranking)
+            scored = None
+            if d.main:  # a --ranking-file that does not fit stops; a damaged cached one is ranked again
+                scored = (load(ranking) if args.ranking_file else common.read_cached(ranking, "DELT ranking", load)) \
+                    if os.path.lexists(ranking) else None
+            ranking_reused = scored is not None
+            if d.world > 1:
+                box = [ranking_reused]
+                dist.broadcast_object_list(box, src=0)
+                ranking_reused = box[0]
             if not ranking_reused:
                 chunks = [by_class[c][i:i + 256] for c in my_classes for i in range(0, len(by_class[c]), 256)]
                 scores = true_class_probability(teacher, train, chunks, d.device, workers, args.precision)
@@ -523,14 +576,12 @@ def main(argv=None):
                     dist.all_gather_object(gathered, rows)
                     rows = [r for part in gathered for r in part]
                 if d.main:
-                    os.makedirs(os.path.dirname(os.path.abspath(ranking)), exist_ok=True)
+                    if not args.ranking_file:
+                        common.make_cache_dir(os.path.dirname(ranking))
                     write_ranking(ranking, rows, classes)
                 common.barrier()
-            scored = read_ranking(ranking, classes, targets, paths)
+            scored = scored or load(ranking)
             for c in my_classes:
-                if len(scored[c]) != counts[c]:
-                    raise common.UserError(f"ranking file {ranking} has {len(scored[c])} rows for class {c}, the "
-                                           f"dataset {int(counts[c])}: delete it or pass another --ranking-file")
                 picks[c] = select(scored[c], args.ipc, args.selection, args.seed * 1000003 + c)
         if d.main and os.path.abspath(ranking) != os.path.abspath(os.path.join(args.out, "ranking.csv")):
             shutil.copyfile(ranking, os.path.join(args.out, f"ranking.csv.tmp{os.getpid()}"))  # a copy beside the set

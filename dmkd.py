@@ -216,11 +216,12 @@ def class_imagenet_ids(dataset, classes, class_map=None, num_model_classes=1000)
                                    f"{missing[0]}): pass --class-map FILE")
         return [[wnids.index(c["id"])] for c in classes]
     if not os.path.isfile(class_map):
-        raise common.UserError(f"--class-map {class_map} does not exist (a JSON file, or the word 'spread')")
+        raise common.UserError(f"--class-map {class_map} {'is a folder' if os.path.isdir(class_map) else 'does not exist'} "
+                               f"(a JSON file, or the word 'spread')")
     try:
         with open(class_map) as f:
             raw = json.load(f)
-    except ValueError as e:
+    except ValueError as e:  # UnicodeDecodeError included: not a text file
         raise common.UserError(f"--class-map {class_map} is not valid JSON ({e})") from e
     by_key = {str(k): v for k, v in raw.items()} if isinstance(raw, dict) else None
     if by_key is None:
@@ -232,6 +233,8 @@ def class_imagenet_ids(dataset, classes, class_map=None, num_model_classes=1000)
             raise common.UserError(f"--class-map {class_map} has no entry for class {c['index']} ({c['name']})")
         v = v if isinstance(v, list) else [v]
         try:
+            if any(isinstance(x, (bool, float, dict, list)) or x is None for x in v):
+                raise TypeError(v)
             v = [wnids.index(x) if isinstance(x, str) and x in wnids else int(x) for x in v]
         except (TypeError, ValueError):
             raise common.UserError(f"--class-map {class_map}: class {c['index']} maps to {v}, not ImageNet ids") from None
@@ -380,6 +383,7 @@ def main(argv=None):
     d = common.dist_setup(args.device)
     common.seed_everything(args.seed)
     synth, distill = args.stage in ("all", "synthesize"), args.stage in ("all", "distill")
+    common.check_out_folder(args.out)
     resolution = args.resolution or info.size
 
     # everything that can fail on bad input fails here, before any output is touched
@@ -401,7 +405,7 @@ def main(argv=None):
         if args.syn_data_path and not os.path.isdir(args.syn_data_path):
             raise common.UserError(f"--syn-data-path {args.syn_data_path} does not exist")
         if args.syn_data_path:
-            os.makedirs(args.out, exist_ok=True)
+            os.makedirs(common.check_out_folder(args.out), exist_ok=True)
 
     # --- stage 1: DiT synthesis, `--ipc` images per class (Sec. 3.1, AIGC_generate.py) ---
     if synth:
@@ -438,7 +442,8 @@ def main(argv=None):
         folder = args.syn_data_path or args.out
         transform = common.train_transform(size, mean, std, crop=args.crop, flip=True, pad=4)
         train_set = SyntheticImages(folder, transform)
-        val_loader = torch.utils.data.DataLoader(val_set, batch_size=256, num_workers=min(args.workers, 4))
+        val_loader = torch.utils.data.DataLoader(val_set, batch_size=256, num_workers=min(args.workers, 4),
+                                                 worker_init_fn=common.quiet_worker)
         teacher_top1 = common.evaluate(teacher, val_loader, d.device) if d.main else None
         cfg = kd_config(args)
         if d.main:

@@ -146,12 +146,17 @@ def ufc_ids(K, M):
 # ----------------------------------------------------------------------------------------------
 # init: K seeded real sets, one training image per class each (UFC:ufc_generation/ufc_cifar.py:48)
 # ----------------------------------------------------------------------------------------------
-def sample_real_sets(dataset, data_path, K, seed, size, workers=0):
+def sample_real_sets(dataset, data_path, K, seed, size, workers=0, ipc=None):
     """Returns real [K, C, 3, H, W] as uint8 (8 bits: the saved real file IS the init image; 4x less
     memory than float at ImageNet scale) and real_index [K, C] into the train split."""
     C = common.dataset_info(dataset).num_classes
     resize = [T.Resize((size, size), antialias=True)] if dataset in common.FOLDER_DATASETS else []  # ufc_imgnet.py:62-70
     ds = common.real_dataset(dataset, data_path, "train", T.Compose([common.to_tensor(), *resize]))
+    counts = torch.bincount(torch.as_tensor(ds.targets), minlength=C)
+    if int(counts.min()) < K:  # speak of the --ipc the user gave, not of the internal K
+        c = int(counts.argmin())
+        raise common.UserError(f"--ipc {ipc} needs K = floor(IPC*C/(C+M)) = {K} real training images of every class "
+                               f"(one per real set), but class {c} has {int(counts[c])}: lower --ipc")
     idx = common.random_subset(ds.targets, K, seed, C)  # grouped by class: idx[c*K + k]
     images, _ = common.stack_images(ds, idx, workers=workers)
     images = (images * 255).round().to(torch.uint8)
@@ -305,6 +310,17 @@ def finished_ufcs(out):
     return done
 
 
+def labels_fit(path, labelled, num_classes):
+    """True when soft_labels.pt (of an earlier run on this --out) is this set's: [images, classes] for these images."""
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return False
+    logits = stored.get("logits") if isinstance(stored, dict) else None
+    return (torch.is_tensor(logits) and tuple(logits.shape) == (labelled["images"], num_classes)
+            and (stored.get("set") or {}).get("digest") == labelled["digest"])
+
+
 def folder_bytes(paths):
     return sum(os.path.getsize(p) for p in paths)
 
@@ -325,7 +341,7 @@ def main(argv=None):
         raise common.UserError(f"--ipc {args.ipc} is too small for {M} teachers and {C} classes: K = floor(IPC*C/(C+M)) "
                                f"= {b['K']} real sets; the smallest valid IPC is {b['smallest_ipc']}")
     K = b["K"]
-    args.out = args.out or os.path.join("runs", f"infer_ufc_{args.dataset}_ipc{args.ipc}")
+    args.out = common.check_out_folder(args.out or os.path.join("runs", f"infer_ufc_{args.dataset}_ipc{args.ipc}"))
     mean, std = INFER_NORM.get(args.dataset, (info.mean, info.std)) if args.teacher_norm == "infer" else (info.mean, info.std)
     d = common.dist_setup(args.device)
     args.precision = common.resolve_precision(args.precision, d.device)  # recorded (and resumed) as what runs
@@ -346,7 +362,7 @@ def main(argv=None):
     # --- stage 2: K real init sets, one training image per class each (UFC:ufc_generation/ufc_cifar.py:48) ---
     classes = common.class_list(args.dataset, args.data_path)
     real, real_index = sample_real_sets(args.dataset, args.data_path, K, args.seed, info.size,
-                                        0 if args.dataset == "digits" else args.workers)
+                                        0 if args.dataset == "digits" else args.workers, ipc=args.ipc)
     run = common.RunDir(args.out, args, classes, rank=d.rank, overwrite=args.overwrite,
                         extra_artefacts=("ufc.pt", "ufc_parts", "eval_static.json", "eval_static_teacher.json"),
                         ignore=("baseline", "cuda_graph"))
@@ -400,6 +416,10 @@ def main(argv=None):
 
     # --- stage 5: static soft labels on the written files (UFC:ufc_validation/val_static.py:200-222), ImageFolder order ---
     labels_path = os.path.join(args.out, "soft_labels.pt")
+    labelled = common.set_identity(args.out) if d.main else None
+    if d.main and os.path.lexists(labels_path) and not labels_fit(labels_path, labelled, C):
+        print(f"note: {labels_path} is damaged, another set's or lacks the set's identity; computing it again")
+        os.remove(labels_path)
     if d.main and not os.path.isfile(labels_path):
         with run.stage("soft_labels", items=C * len(ids)):
             ensemble, logits = common.Ensemble(teachers).eval(), []
@@ -409,7 +429,8 @@ def main(argv=None):
                 x = torch.stack([common.to_tensor()(Image.open(os.path.join(folder, f)).convert("RGB")) for f in files])
                 with torch.no_grad(), common.autocast(d.device, args.precision):  # the unaugmented view of the written file
                     logits += [ensemble(common.normalize(b.to(d.device), mean, std)).float().cpu() for b in x.split(500)]
-            common.atomic_torch_save(torch.cat(logits).half(), labels_path)
+            # with the identity of the images they label: the validator refuses them for any other set
+            common.atomic_torch_save({"logits": torch.cat(logits).half(), "set": labelled}, labels_path)
     losses = compact["losses"]
     files = [os.path.join(r, f) for r, _, fs in os.walk(args.out) for f in fs if f.endswith("." + args.format)
              and os.path.basename(r).isdigit()]

@@ -218,7 +218,7 @@ def build_parser():
     g.add_argument("--repeats", type=int, default=None, help="students trained with seeds seed..seed+N-1 (default 1)")
     g.add_argument("--baseline", default="none", choices=("none", "random"), help="also evaluate random real subsets")
     g.add_argument("--baseline-ipc", type=int, default=None, help="IPC of the random baseline (default: the set's)")
-    g.add_argument("--out", default=None, help="result JSON path (default <set>/eval_<protocol>.json)")
+    g.add_argument("--out", default=None, help="result JSON path, or an existing folder to write eval_<protocol>.json into (default: into the set)")
     g.add_argument("--relabel-epochs", type=int, default=None,
                    help="fkd: first store FKD labels for this many epochs with the teacher (SRe2L relabel; resumes)")
     g.add_argument("--relabel-batch-size", type=int, default=None, help="fkd: batch size of the stored labels")
@@ -433,6 +433,84 @@ def class_folders_ipc(folder):
     counts = [sum(f.lower().endswith(exts) for f in os.listdir(e.path)) for e in os.scandir(folder)
               if e.is_dir() and not e.name.startswith(".") and e.name != "fkd"]
     return min(counts) if counts else 0
+
+
+def stored_soft_labels(path, labelled, num_classes):
+    """The set's soft_labels.pt as [images, classes] logits, checked before any training: a tensor (or a dict
+    with "logits") of floats, one row per image of the set, one column per class, finite, and, when the file
+    records it ("set", common.set_identity), made for these very images."""
+    fix = "delete it (the static protocol then computes labels from the teacher) or remake the set"
+    if os.path.isdir(path):
+        raise common.UserError(f"{path} is a folder, not a soft-label file: {fix}")
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise common.UserError(f"{path} {common._checkpoint_problem(path, e)}") from e
+    logits = stored.get("logits") if isinstance(stored, dict) else stored
+    if not torch.is_tensor(logits) or logits.ndim != 2:
+        what = f"a {tuple(logits.shape)} tensor" if torch.is_tensor(logits) else f"a {type(logits).__name__}"
+        raise common.UserError(f"{path} holds {what}, not soft labels [images, classes]: {fix}")
+    if not logits.is_floating_point():
+        raise common.UserError(f"{path} holds {logits.dtype} values, not soft labels (floating-point logits): {fix}")
+    if len(logits) != labelled["images"]:
+        raise common.UserError(f"{path} has {len(logits)} rows but the set holds {labelled['images']} images: it "
+                               f"belongs to another set; {fix}")
+    if logits.shape[1] != num_classes:
+        raise common.UserError(f"{path} has {logits.shape[1]} columns but the dataset has {num_classes} classes: it "
+                               f"belongs to another dataset; {fix}")
+    made_for = stored.get("set") if isinstance(stored, dict) else None
+    if isinstance(made_for, dict) and made_for.get("digest") not in (None, labelled["digest"]):
+        raise common.UserError(f"{path} was made for other images than the set holds now (image digest "
+                               f"{made_for['digest']}, the set's {labelled['digest']}): {fix}")
+    if not torch.isfinite(logits).all():
+        raise common.UserError(f"{path} holds NaN or infinite values: {fix}")
+    return logits
+
+
+def check_fkd_store(fkd_dir, labelled, num_classes):
+    """Stored FKD labels checked against the set before any training: one entry per image of the set, the
+    set's images (digest, when recorded), one logit per class, and every epoch file present and readable."""
+    meta = common.fkd_meta(fkd_dir)
+    fix = "delete the fkd_* files and store the labels again (validate_fkd.py --relabel-epochs N)"
+    if meta.get("images") != labelled["images"]:
+        raise common.UserError(f"the FKD labels in {fkd_dir} are for {meta.get('images')} images but the set holds "
+                               f"{labelled['images']}: {fix}")
+    made_for = meta.get("set")
+    if isinstance(made_for, dict) and made_for.get("digest") not in (None, labelled["digest"]):
+        raise common.UserError(f"the FKD labels in {fkd_dir} were made for other images than the set holds now: {fix}")
+    for e in range(meta.get("epochs", 0)):
+        path = common.fkd_path(fkd_dir, f"epoch_{e:04d}.pt")
+        if not os.path.isfile(path):
+            raise common.UserError(f"{path} is missing ({meta['epochs']} epochs stored per fkd_meta.json): {fix}")
+        if e == 0:
+            try:
+                rec = torch.load(path, map_location="cpu", weights_only=True)
+                width = {int(x.shape[-1]) for x in rec["logits"]}
+                top = max(int(i.max()) for i in rec["index"])
+            except Exception as err:
+                raise common.UserError(f"{path} is not a readable FKD label file ({type(err).__name__}): {fix}") from err
+            if width != {num_classes} or top >= labelled["images"]:
+                raise common.UserError(f"{path} holds logits for {sorted(width)} classes and image indices up to {top}, "
+                                       f"but the dataset has {num_classes} classes and the set {labelled['images']} "
+                                       f"images: {fix}")
+    return meta
+
+
+def result_path(out, name):
+    """Where the result JSON goes: --out as a file path, or into --out when it names an existing folder (or
+    ends with /); checked before any training: its folder must exist or be creatable and be writable."""
+    if out and (os.path.isdir(out) or out.endswith(os.sep)):
+        out = os.path.join(out, name)
+    elif not out:
+        return None
+    parent = os.path.dirname(os.path.abspath(out))
+    probe = parent
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        raise common.UserError(f"cannot write the result --out {out}: {probe} is "
+                               f"{'not a folder' if not os.path.isdir(probe) else 'not writable'}")
+    return out
 
 
 def load_teachers(args, device, cast=True):
@@ -661,12 +739,19 @@ def full_data_top1(h, val_loader, d, epochs):
            "augment_on": "loader"}  # the real split's views are made per image by the loader
     key.pop("repeats"), key.pop("lr_search")
     path = os.path.join(common.cache_dir(), "full_data", f"{h.dataset}_{h.student}_{common.content_hash(key)}.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            cached = json.load(f)
+    def load(p):  # damaged (cut short, not this recipe's record): trained again
+        with open(p) as f:
+            rec = json.load(f)
+        if not isinstance(rec.get("top1"), (int, float)) or rec.get("recipe") != json.loads(json.dumps(key)):
+            raise ValueError("not the record of this recipe")
+        return rec
+    cached = common.read_cached(path, "full-data result", load)
+    if cached is not None:
         if d.main:
             print(f"full real data, hard labels: top-1 {cached['top1']:.2f} (cached {path})")
         return {**cached, "cache": path, "cached": True}
+    if d.main:
+        common.make_cache_dir(os.path.dirname(path))  # an unwritable cache is refused before the training, not after
     real = WithIndex(common.real_dataset(h.dataset, h.data_path, "train", train_view(h)))
     cfg.batch_size = min(cfg.batch_size, len(real))
     if d.main:
@@ -676,7 +761,6 @@ def full_data_top1(h, val_loader, d, epochs):
     out = {"top1": res["best"], "last": res["last"], "history": res["history"], "seconds": round(res["seconds"], 2),
            "recipe": key, "versions": common.package_versions(), "device": common.device_name(d.device)}
     if d.main:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         common.atomic_write_json(path, out)
     return {**out, "cache": path, "cached": False}
 
@@ -685,7 +769,7 @@ def hard_label_metrics(args, images, targets, ipc, d):
     """HLR's two figures: `--repeats` hard-label students on the set and the cached full-data one."""
     h = hard_label_args(args)
     val = common.real_dataset(h.dataset, h.data_path, "val", val_transform(h))
-    val_loader = torch.utils.data.DataLoader(val, batch_size=256, num_workers=h.workers)
+    val_loader = torch.utils.data.DataLoader(val, batch_size=256, num_workers=h.workers, worker_init_fn=common.quiet_worker)
     syn, cfg = evaluate_set(h, "distilled, hard labels", images, targets, ipc, None, None, None, val_loader, d)
     full = full_data_top1(h, val_loader, d, args.full_epochs or FULL_DATA_EPOCHS[args.dataset])
     return {"recipe": recipe_record(h, cfg), "student": h.student, **syn}, full
@@ -714,7 +798,7 @@ def ddranking_state_dict(model, arch):
     return sd
 
 
-def export_ddranking(args, folder, images, targets, rows, out_dir, d):
+def export_ddranking(args, folder, images, targets, rows, out_dir, d, stored=None):
     """images.pt (float [N,3,H,W], class-major, normalised as DD-Ranking normalises the dataset's test set),
     soft_labels.pt (float [N,C] teacher logits, row i = image i), the teacher at
     teacher_models/<Dataset>/<Model>/ckpt_best.pt (a plain state dict in its key layout) and ddranking.json."""
@@ -730,10 +814,8 @@ def export_ddranking(args, folder, images, targets, rows, out_dir, d):
     teacher = load_teachers(args, d.device, cast=False)  # the file gets the fp32 weights, whatever --precision
     if any(isinstance(m, torch.nn.GroupNorm) for m in teacher.modules()):  # an instance-norm ConvNet: its default
         model_name = model_name.removesuffix("-BN")
-    path = os.path.join(folder, "soft_labels.pt")
-    if os.path.isfile(path):
-        stored = torch.load(path, map_location="cpu", weights_only=True)
-        soft = (stored["logits"] if isinstance(stored, dict) else stored)[rows].float()
+    if stored is not None:  # the set's soft_labels.pt, checked against the set (stored_soft_labels)
+        soft = stored[rows].float()
         source = "the set's soft_labels.pt"
     else:
         soft = ensemble_logits(teacher, images, args, d.device)
@@ -817,14 +899,30 @@ def main(argv=None):
                 common.fkd_meta(fkd_dir)  # refuse early when there are no stored labels
         images, targets, rows = common.load_image_set(folder, classes, args.ipc, args.size, return_rows=True)
         ipc = args.ipc or int(torch.bincount(targets, minlength=info.num_classes).min())
+        # stored labels must fit this set (rows, classes, dtype, the images they were made for): before any training
+        labels_path = os.path.join(folder, "soft_labels.pt")
+        if args.label_mode == "fkd" and not args.relabel_epochs:
+            check_fkd_store(fkd_dir, common.set_identity(folder), info.num_classes)
+        elif args.label_mode == "fkd" and os.path.isfile(common.fkd_path(fkd_dir, "meta.json")):
+            made_for = (common.fkd_meta(fkd_dir).get("set") or {}).get("digest")
+            if made_for not in (None, common.set_identity(folder)["digest"]):
+                raise common.UserError(f"the FKD labels in {fkd_dir} were made for other images than the set holds now: "
+                                       f"delete the fkd_* files before --relabel-epochs stores new ones")
+        stored_labels = (stored_soft_labels(labels_path, common.set_identity(folder), info.num_classes)
+                         if args.label_mode == "static" or args.export_ddranking else None) if os.path.lexists(labels_path) else None
     else:
         ipc = args.random_real
+    suffix = "" if args.label_mode == PROTOCOL_LABELS[args.protocol] else f"_{args.label_mode}"
+    result_name = f"eval_{args.protocol}{suffix}.json"
+    out_json = result_path(args.out, result_name)  # refused now, not after training
     if args.export_ddranking:
-        return export_ddranking(args, folder, images, targets, rows, args.export_ddranking, d) if d.main else None
+        common.check_out_folder(args.export_ddranking, "--export-ddranking")
+        return (export_ddranking(args, folder, images, targets, rows, args.export_ddranking, d, stored_labels)
+                if d.main else None)
 
     # --- the test set: the real validation split ---
     val = common.real_dataset(args.dataset, args.data_path, "val", val_transform(args))
-    val_loader = torch.utils.data.DataLoader(val, batch_size=256, num_workers=args.workers)
+    val_loader = torch.utils.data.DataLoader(val, batch_size=256, num_workers=args.workers, worker_init_fn=common.quiet_worker)
 
     # --- labels: teachers (online, static) or stored ---
     teacher = load_teachers(args, d.device) if args.label_mode in ("teacher", "static") else None
@@ -843,13 +941,8 @@ def main(argv=None):
                              args.relabel_epochs, d)
         static_labels = None
         if args.label_mode == "static":
-            path = os.path.join(folder, "soft_labels.pt")
-            if os.path.isfile(path):
-                stored = torch.load(path, map_location="cpu", weights_only=True)
-                stored = stored["logits"] if isinstance(stored, dict) else stored
-                if len(stored) <= int(rows.max()):
-                    raise common.UserError(f"{path} has {len(stored)} rows but the set holds more images: it belongs to another set")
-                static_labels = stored[rows].float()
+            if stored_labels is not None:
+                static_labels = stored_labels[rows].float()
             else:
                 print(f"note: {folder} has no soft_labels.pt; computing static labels from the teacher(s) once")
                 static_labels = ensemble_logits(teacher, images, args, d.device)
@@ -889,10 +982,8 @@ def main(argv=None):
 
     # --- the record and one summary line ---
     if d.main:
-        suffix = "" if args.label_mode == PROTOCOL_LABELS[args.protocol] else f"_{args.label_mode}"
-        name = f"eval_{args.protocol}{suffix}.json"
-        out = args.out or (os.path.join(folder, name) if folder else
-                           os.path.join("runs", f"random_{args.dataset}_ipc{ipc}_{name}"))
+        out = out_json or (os.path.join(folder, result_name) if folder else
+                           os.path.join("runs", f"random_{args.dataset}_ipc{ipc}_{result_name}"))
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         common.atomic_write_json(out, record)
         what = "distilled" if folder else "random real"

@@ -175,8 +175,11 @@ def image_keys(ds, dataset, classes):
 def read_captions(path):
     """{key: text} from our one-pair-per-line file or the official {"file_name", "text"} lines."""
     caps = {}
-    with open(path) as f:
-        lines = f.read().split("\n")
+    try:
+        with open(path) as f:
+            lines = f.read().split("\n")
+    except UnicodeDecodeError as e:
+        raise common.UserError(f"{path} is not a text file of JSON lines (captions.jsonl or metadata.jsonl)") from e
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -195,6 +198,8 @@ def read_captions(path):
             caps.setdefault(f"{folder}/{base.replace('MM', '_', 1)}" if folder else base.replace("MM", "_", 1), obj["text"])
         else:
             caps.update(obj)
+        if not all(isinstance(v, str) for v in obj.values()):
+            raise common.UserError(f"{path} line {n} holds a caption that is not text")
     return caps
 
 
@@ -254,7 +259,7 @@ def caption_images(ds, items, keys, class_names, path, args, device):
     mean = tuple(int(m * 255) for m in processor.image_processor.image_mean)
     bs = args.caption_batch_size
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, items), batch_size=bs, num_workers=args.workers,
-                                         collate_fn=lambda b: [as_pil(x) for x, _ in b])
+                                         collate_fn=lambda b: [as_pil(x) for x, _ in b], worker_init_fn=common.quiet_worker)
     for b, images in enumerate(tqdm(loader, desc="captions", unit="batch")):
         idx = items[b * bs:(b + 1) * bs]
         prompts = [caption_prompt(class_names[int(ds.targets[i])]) for i in idx]
@@ -331,7 +336,7 @@ def finetune_unet(model, ds, indices, texts, out_dir, args, d, settings):
         perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).tolist()
         mine = shard_of(perm, d)[done_micro * args.ft_batch_size:]
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, mine), batch_size=args.ft_batch_size,
-                                             num_workers=args.workers)
+                                             num_workers=args.workers, worker_init_fn=common.quiet_worker)
         n_micro, losses = micro_per_epoch - done_micro, []
         for m, (x, ids) in enumerate(loader):
             g = torch.Generator(dev).manual_seed(args.seed * 1_000_003 + (epoch * micro_per_epoch + done_micro + m) * d.world + d.rank)
@@ -382,8 +387,36 @@ def finetune_record(path):
     """The settings a finished fine-tuning folder was made with (None while unfinished)."""
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            rec = json.load(f)
+        if not isinstance(rec, dict):
+            raise ValueError("not a JSON object")
+        return rec
+    except (ValueError, UnicodeDecodeError) as e:
+        raise common.UserError(f"{path} is damaged ({e})") from e
+
+
+def check_finetuned(folder):
+    """A fine-tuning folder checked on read: a finished one (vlcp_finetune.json) holds model_index.json and readable
+    safetensors weights, an unfinished one a readable resume checkpoint. Returns its record (None while
+    unfinished); raises on anything damaged."""
+    rec = finetune_record(os.path.join(folder, "vlcp_finetune.json"))
+    if rec is None:
+        ck = os.path.join(folder, "checkpoint.pt")
+        if os.path.lexists(ck) and not isinstance(torch.load(ck, map_location="cpu", weights_only=True, mmap=True)["step"], int):
+            raise ValueError(f"{ck} holds no step")
+        return None
+    from safetensors import safe_open
+    if not os.path.isfile(os.path.join(folder, "model_index.json")):
+        raise ValueError("model_index.json is missing")
+    for root, _, files in os.walk(folder):
+        for f in files:
+            if f.endswith(".safetensors"):
+                with safe_open(os.path.join(root, f), "pt") as st:
+                    for k in st.keys():
+                        st.get_slice(k)
+    return rec
 
 
 def shard_of(items, d):
@@ -396,7 +429,7 @@ def encode_latents(vae, ds, indices, args, generator, device):
     """z = vae.encode(2x-1).latent_dist.sample() * scaling_factor on size x size squashed images
     (VLCP:03_distiilation/dataset_utils.py:L24-27)."""
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, indices), batch_size=args.encode_batch_size,
-                                         num_workers=args.workers)
+                                         num_workers=args.workers, worker_init_fn=common.quiet_worker)
     out = []
     for x, _ in loader:
         x = (2 * x - 1).to(device, vae.dtype)
@@ -511,6 +544,11 @@ def main(argv=None):
     names = [c["name"] for c in classes]
     if not args.out:
         raise common.UserError("--out is required: the folder of the distilled set")
+    common.check_out_folder(args.out)
+    if args.finetuned:
+        common.check_out_folder(args.finetuned, "--finetuned")
+    if args.captions and not os.path.lexists(args.captions):  # a captions file to write
+        common.check_out_folder(os.path.dirname(os.path.abspath(args.captions)), "the folder of --captions")
     if args.ipc < 1 or (args.max_per_class is not None and args.max_per_class < args.ipc):
         raise common.UserError(f"--ipc {args.ipc} must be >= 1 and <= --max-per-class {args.max_per_class}")
     if args.eval and not os.path.isfile(os.path.join(common.ROOT, "validate_fkd.py")):
@@ -545,8 +583,12 @@ def main(argv=None):
             "device": device_type}, ".jsonl")
     if args.captions and not os.path.isfile(args.captions) and os.path.exists(args.captions):
         raise common.UserError(f"--captions {args.captions} is not a file")
-    # models and captions are checked here, before the output is touched (a malformed file stops in read_captions)
-    known = read_captions(captions_path) if os.path.isfile(captions_path) else {}
+    # models and captions are checked here, before the output is touched (a malformed file stops in read_captions;
+    # a damaged shared one under $DD_CACHE is removed and captioned again)
+    if args.cache and not args.captions:
+        known = common.read_cached(captions_path, "VLCP captions", read_captions) or {}
+    else:
+        known = read_captions(captions_path) if os.path.isfile(captions_path) else {}
     uncaptioned = [i for i in selected if keys[i] not in known]
     if uncaptioned:
         try:
@@ -568,6 +610,17 @@ def main(argv=None):
                                                  "ft_batch_size", "grad_accum", "ft_lr", "ft_max_steps", "ema_decay",
                                                  "mixed_precision", "seed")}
     ft_record = os.path.join(ft_dir, "vlcp_finetune.json")
+    if args.finetune_epochs > 0 and not shared_ft and os.path.exists(ft_dir):
+        if not os.path.isdir(ft_dir):
+            raise common.UserError(f"--finetuned {ft_dir} is a file, not a model folder")
+        try:
+            check_finetuned(ft_dir)
+        except Exception as e:
+            if not args.overwrite:
+                raise common.UserError(f"the fine-tuned model in {ft_dir} is damaged ({common.user_sentence(e)[:160]}): "
+                                       f"pass --overwrite to retrain it or choose another --finetuned") from e
+            if d.main:
+                shutil.rmtree(ft_dir)
     if (args.finetune_epochs > 0 and not shared_ft and finetune_record(ft_record) not in (None, ft_settings)
             and not args.overwrite):
         raise common.UserError(f"{ft_dir} holds a model fine-tuned with other settings; pass --overwrite to "
@@ -587,6 +640,8 @@ def main(argv=None):
         if missing:
             print(f"captions: {len(selected) - len(missing)} of {len(selected)} images already captioned in "
                   f"{captions_path}; captioning {len(missing)} with {args.captioner}")
+            if args.cache and not args.captions:
+                common.make_cache_dir(os.path.dirname(captions_path))
             os.makedirs(os.path.dirname(os.path.abspath(captions_path)), exist_ok=True)
             part = captions_path if d.world == 1 else f"{captions_path}.rank{d.rank}"
             # whole caption batches go to ranks, so every batch (and its sampling seed) is the one a
@@ -615,6 +670,14 @@ def main(argv=None):
                 **data_key, **ft_settings, "base_files": base_files, "world": d.world, "device": device_type,
                 "captions": common.content_hash([captions[keys[i]] for i in selected])}, "")
             ft_record = os.path.join(ft_dir, "vlcp_finetune.json")
+            def check_shared(p):
+                if check_finetuned(p) not in (None, ft_settings):
+                    raise ValueError("its record names other settings than its key")
+                return True
+            if d.main:  # a damaged shared model (cut weights, a bad record or checkpoint) is removed and trained again
+                common.read_cached(ft_dir, "VLCP fine-tuned model", check_shared)
+                common.make_cache_dir(os.path.dirname(ft_dir))
+            common.barrier()
         sd_path = ft_dir
         ft_reused = finetune_record(ft_record) == ft_settings
         if not ft_reused:

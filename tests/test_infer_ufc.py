@@ -110,7 +110,9 @@ def test_compact_form_rebuilds_the_written_set(infer_run):
 
 def test_soft_labels_are_the_teacher_ensemble_mean(infer_run, digits_conv3):
     out, _ = infer_run
-    labels = torch.load(out / "soft_labels.pt", weights_only=True).float()
+    stored = torch.load(out / "soft_labels.pt", weights_only=True)
+    assert stored["set"] == common.set_identity(str(out))  # the images they label, checked by the validator
+    labels = stored["logits"].float()
     info = common.dataset_info("digits")
     x = torch.cat([read_class(out / d)[1] for d in sorted(os.listdir(out)) if d.isdigit()]).float() / 255
     x = (x - torch.tensor(info.mean).view(1, 3, 1, 1)) / torch.tensor(info.std).view(1, 3, 1, 1)
@@ -145,8 +147,8 @@ def test_resume_redoes_only_missing_work_and_evaluates(infer_run, tmp_path):
     assert os.path.getmtime(out / "00005" / "00000_k0_real.png") == before
     assert torch.equal(torch.load(out / "ufc.pt", weights_only=True)["ufc"], compact["ufc"])
     assert torch.equal(read_class(out / "00003")[1], read_class(src / "00003")[1])
-    assert torch.allclose(torch.load(out / "soft_labels.pt", weights_only=True).float(),
-                          torch.load(src / "soft_labels.pt", weights_only=True).float(), atol=2e-2)
+    assert torch.allclose(torch.load(out / "soft_labels.pt", weights_only=True)["logits"].float(),
+                          torch.load(src / "soft_labels.pt", weights_only=True)["logits"].float(), atol=2e-2)
     ev = json.load(open(out / "eval_static_teacher.json"))
     assert ev["label_mode"] == "teacher" and ev["teacher"] == "conv3,conv3" and ev["baseline"]["ipc"] == 2
     assert ev["images"] == 30 and ev["recipe"]["epochs"] == 1
