@@ -158,6 +158,9 @@ DDRANKING_REAL = {("CIFAR10", "ConvNet-3"): (0.01, 5e-4, 100), ("CIFAR10", "Conv
                   ("TinyImageNet", "ConvNet-4-BN"): (0.01, 5e-4, 50), ("ImageNet1K", "ResNet-18-BN"): (0.1, 1e-4, 30),
                   # not in DD-Ranking (it has no digits): our choice, its CIFAR10-ConvNet-3-BN entry
                   ("digits", "ConvNet-3-BN"): (0.01, 5e-4, 100)}
+# its full-data top-1 figures (REAL_DATA_ACC_CACHE, DDR:utils/train_and_eval.py:15-18), read when eval_full_data is False
+# (the constructor's default, soft_label.py:28, 536-540); other pairs must train the full-data student
+DDRANKING_ACC_CACHE = {("ImageNet1K", "ResNet-18-BN"): 56.5, ("TinyImageNet", "ResNet-18-BN"): 46.4}
 METHOD_PRESETS["ddranking"] = {
     "protocol": "static", "all": {"static": DDRANKING_RECIPE, "rded": DDRANKING_RECIPE},
     # not published: our choice so that the 16 students of one repeat take about a minute on 2 CPU cores
@@ -382,6 +385,12 @@ def resolve(args, method=None):
         args.ddranking_mode = "S" if args.label_mode == "static" else "M"
         args.lr_search = True  # its students always search the five rates (soft_label.py:516-558)
         args.lrs = True  # and every repeat trains the hard-label and full-data students (soft_label.py:516-535)
+        key = ddranking_key(args)
+        if args.full_top1 is None and key in DDRANKING_ACC_CACHE:
+            args.full_top1 = DDRANKING_ACC_CACHE[key]
+        elif args.full_top1 is None and key not in DDRANKING_REAL:
+            raise common.UserError(f"DD-Ranking 0.2.0 has neither a full-data figure nor a full-data recipe for "
+                                   f"{key[0]}-{key[1]}: choose --student (e.g. conv3 for CIFAR) or give --full-top1")
     norm = ((info.mean, info.std, f"{args.dataset} statistics ({'--norm' if explicit_norm else 'preset'} dataset)")
             if args.norm == "dataset" else
             (common.IMAGENET_MEAN, common.IMAGENET_STD, f"ImageNet statistics ({'--norm' if explicit_norm else 'preset'} imagenet)"))
@@ -582,7 +591,8 @@ def random_real_runs(args, ipc, teacher, cfg_epochs, val_loader, d):
 def label_robust_score(ior, hlr, lam=0.5):
     """LRS = (e^a - e^-1) / (e - e^-1), a = lam * IOR - (1 - lam) * HLR. On accuracies as fractions
     a lies in [-1, 1] and LRS in [0, 1]; DD-Ranking 0.2.0's code passes percentage points
-    (ddranking/metrics/soft_label.py compute_metrics), which pins LRS near -e^-1/(e - e^-1) = -0.157."""
+    (ddranking/metrics/soft_label.py:561-564): that LRS tends to -e^-1/(e - e^-1) = -0.157 once HLR exceeds IOR by a
+    few points, is 0.269 when they are equal and grows without bound when IOR exceeds HLR."""
     a = lam * ior - (1 - lam) * hlr
     return (math.exp(a) - math.exp(-1)) / (math.e - math.exp(-1))
 
@@ -591,10 +601,14 @@ def mean_std(values):
     return {"per_repeat": [float(v) for v in values], "mean": float(np.mean(values)), "std": float(np.std(values))}
 
 
+def ddranking_key(args):
+    """(DD-Ranking's dataset name, its model name of the student): the key of its full-data tables."""
+    return DDRANKING_DATASETS.get(args.dataset, (args.dataset,))[0], ddranking_model(args.student)[0]
+
+
 def ddranking_real_config(h):
     """DD-Ranking's full-data (lr, weight decay, StepLR step) for the student, or a clear refusal."""
-    name, _, _ = DDRANKING_DATASETS.get(h.dataset, (h.dataset, None, None))
-    key = (name, ddranking_model(h.student)[0])
+    key = ddranking_key(h)
     if key not in DDRANKING_REAL:
         raise common.UserError(f"DD-Ranking 0.2.0 has no full-data config for {key[0]}-{key[1]} (its REAL_DATA_TRAINING_CONFIG "
                                f"holds {sorted(f'{a}-{b}' for a, b in DDRANKING_REAL)}): choose --student accordingly")
@@ -824,7 +838,8 @@ def export_ddranking(args, folder, images, targets, rows, out_dir, d):
             "teacher_expects": {"mean": list(args.mean), "std": list(args.std)},
             "order": "class-major, IPC images per class in ImageFolder order (DD-Ranking's hard labels)",
             "supported_by_ddranking": dd_name in {v[0] for v in DDRANKING_DATASETS.values()},
-            "full_data_top1": args.full_top1,  # with eval_full_data False, DD-Ranking reads REAL_DATA_ACC_CACHE[dataset-model]
+            # with eval_full_data False DD-Ranking reads REAL_DATA_ACC_CACHE[dataset-model]; a figure it lacks is set there
+            "full_data_top1": args.full_top1, "full_data_top1_is_ddranking_s": ddranking_key(args) in DDRANKING_ACC_CACHE,
             "usage": "kw = json.load(open('ddranking.json')); m = LabelRobustScoreSoft(**kw['LabelRobustScoreSoft']); "
                      "m.compute_metrics(**{k: torch.load(v) if k in ('image_tensor', 'soft_labels') else v for k, v in "
                      "kw['compute_metrics'].items()}) -- mode S needs the two workarounds of docs/validate.md"}

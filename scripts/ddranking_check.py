@@ -49,6 +49,8 @@ def child(spec_path, digits_root, out_path):
     init, call = kw["LabelRobustScoreSoft"], kw["compute_metrics"]
     patches = []
     if init["dataset"] == "digits":
+        if not digits_root:
+            raise SystemExit("DD-Ranking 0.2.0 has no digits: run this script without --run (it supplies the dataset)")
         stats = json.load(open(os.path.join(digits_root, "stats.json")))
         norm = torchvision.transforms.Compose([torchvision.transforms.ToTensor(),
                                                torchvision.transforms.Normalize(stats["mean"], stats["std"])])
@@ -81,9 +83,9 @@ def child(spec_path, digits_root, out_path):
         patches.append("mode S: self.teacher_model set to its teacher (0.2.0's _generate_soft_labels reads it, the "
                        "constructor sets only teacher_models: metrics/soft_label.py:451 vs :158)")
     given = json.load(open(os.path.join(os.path.dirname(spec_path), "export.json"))).get("full_data_top1")
-    if not init["eval_full_data"]:  # its documented path for a known full-data figure (soft_label.py:536-540)
-        key = f"{init['dataset']}-{init['model_name']}"
-        train_and_eval.REAL_DATA_ACC_CACHE[key] = soft_label.REAL_DATA_ACC_CACHE[key] = given
+    key = f"{init['dataset']}-{init['model_name']}"
+    if not init["eval_full_data"] and key not in soft_label.REAL_DATA_ACC_CACHE:  # its path for a known figure (:536-540)
+        soft_label.REAL_DATA_ACC_CACHE[key] = given  # the same dict as ddranking.utils.train_and_eval's
         print(f"[ddranking] setting: eval_full_data=False, REAL_DATA_ACC_CACHE[{key!r}] = {given:.2f} (our full-data "
               f"student, trained once with DD-Ranking's full-data recipe)", flush=True)
     for p in patches:
@@ -233,10 +235,17 @@ def main():
     p.add_argument("--threads", type=int, default=1, help="OMP/torch threads of each run (a shared 2-core box: 1)")
     p.add_argument("--env", default=os.path.join(ROOT, ".venv-ddranking"), help="DD-Ranking's environment (made if absent)")
     p.add_argument("--out", default=None, help="work folder (default runs/ddranking_check_<set name>)")
+    p.add_argument("--run", default=None, metavar="EXPORT",
+                   help="in DD-Ranking's environment: run it on an export (validate_fkd.py --export-ddranking EXPORT) of a "
+                        "dataset it supports, with the mode-S workarounds; prints its figures, writes EXPORT/ddranking_result.json")
     p.add_argument("--child", nargs=3, metavar=("KWARGS", "DIGITS", "OUT"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
         return child(*a.child)
+    if a.run:
+        out = os.path.join(a.run, "ddranking_result.json")
+        child(os.path.join(a.run, "ddranking.json"), None, out)
+        return print(open(out).read())
     if not a.syn_data_path:
         p.error("give --syn-data-path")
     out = os.path.abspath(a.out or os.path.join(ROOT, "runs", "ddranking_check_" + os.path.basename(a.syn_data_path.rstrip("/"))))

@@ -129,3 +129,60 @@ def test_export_refuses_what_ddranking_cannot_read(tmp_path):
     assert sd.keys() == net.state_dict().keys()
     sd = validate_fkd.ddranking_state_dict(common.build_model("conv3", 10), "conv3")
     assert sd.keys() == DDRankingConvNet(3, 10).state_dict().keys()
+
+
+def test_ddranking_training_quirks(monkeypatch):
+    """--preset ddranking's training loop settings: tested only when (epoch + 1) % 20 == 0 (DD-Ranking's
+    soft_label.py:374); mode S's CutMix keeps each image's own soft label (train_and_eval.py:174-187), where our
+    static protocol interpolates; AdamW decays every parameter (train_and_eval.py:109-110)."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (8, 3, 8, 8), dtype=torch.uint8, generator=g)
+    targets = torch.arange(8) % 4
+    soft = torch.randn(8, 4, generator=g)
+    val = [(images.float() / 255, targets)]
+    seen = []
+    real_kd = common.kd_loss
+
+    def spy(out, target, *a, **k):
+        seen.append(target.detach().clone())
+        return real_kd(out, target, *a, **k)
+    monkeypatch.setattr(common, "kd_loss", spy)
+
+    def run(mix_labels, epochs, **extra):
+        seen.clear()
+        net = nn.Sequential(nn.Flatten(), nn.Linear(192, 4))
+        cfg = common.TrainConfig(labels="static", epochs=epochs, batch_size=8, optimizer="adamw_all", lr=1e-3,
+                                 mix="cutmix", eval_every=20, mix_labels=mix_labels, temperature=1.0, **extra)
+        data = common.IndexedDataset(images, targets, lambda t: t.float() / 255)
+        return common.train_student(net, cfg, val, "cpu", train_set=data, static_labels=soft, log=lambda *_: None)
+
+    res = run(False, 40, eval_phase=19)
+    assert [e for e, _ in res["history"]] == [19, 39]
+    own = [any(torch.equal(row, s) for s in soft) for t in seen for row in t]
+    assert len(own) == 8 * 40 and all(own)  # every target is some image's own label, never a mix
+    res = run(True, 3)
+    assert [e for e, _ in res["history"]] == [0, 2]  # the default phase: every eval_every epochs from 0, and the last
+    assert not all(any(torch.allclose(row, s) for s in soft) for t in seen for row in t)
+
+    net = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    groups = common.make_optimizer(net, "adamw_all", 1e-3, 0.01).param_groups
+    assert all(gr["weight_decay"] == 0.01 for gr in groups) and sum(len(gr["params"]) for gr in groups) == 4
+    assert [gr["weight_decay"] for gr in common.make_optimizer(net, "adamw", 1e-3, 0.01).param_groups] == [0.01, 0.0]
+
+
+def test_ddranking_preset_resolves_its_recipe():
+    import validate_fkd
+    for mode, protocol, labels in (("S", "static", "static"), ("M", "rded", "teacher")):
+        r = validate_fkd.main(["--random-real", "10", "--preset", "ddranking", "--ddranking-mode", mode, "--dry-run"])
+        assert (r["protocol"], r["label_mode"], r["student"]) == (protocol, labels, "conv3")
+        rec = r["recipe"]
+        assert (rec["optimizer"], rec["schedule"], rec["weight_decay"], rec["temperature"], rec["mix"]) == (
+            "adamw_all", "quarter", 0.01, 1.0, "cutmix")
+        assert (rec["crop"], rec["flip"], rec["eval_every"], rec["eval_phase"], rec["test_view"]) == ("none", False, 20, 19, "full")
+        assert rec["mix_labels"] is False and rec["lr_search"] == [0.001, 0.005, 0.01, 0.05, 0.1]
+        assert (rec["epochs"], rec["batch_size"], rec["repeats"]) == (20, 64, 5)  # digits; elsewhere 300, 256, 5
+    r = validate_fkd.main(["--random-real", "10", "--preset", "none", "--protocol", "static", "--dry-run"])
+    assert "eval_phase" not in r["recipe"] and "mix_labels" not in r["recipe"]  # other recipes record as before
+    import pytest
+    with pytest.raises(common.UserError, match="neither a full-data figure nor a full-data recipe"):
+        validate_fkd.main(["--dataset", "cifar10", "--random-real", "10", "--preset", "ddranking", "--dry-run"])
