@@ -222,8 +222,8 @@ def table(mode, theirs, mine):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--syn-data-path", help="the set (ImageFolder layout, same IPC per class)")
-    p.add_argument("--modes", nargs="+", default=["S", "M"], choices=("S", "M"), help="DD-Ranking soft-label modes to check")
-    p.add_argument("--repeats", type=int, default=3, help="repeats on each side (DD-Ranking's num_eval)")
+    p.add_argument("--modes", nargs="+", default=["S", "M"], choices=("S", "M"), help="DD-Ranking soft-label modes to check (default: S M)")
+    p.add_argument("--repeats", type=int, default=3, help="repeats on each side (DD-Ranking's num_eval; default 3)")
     p.add_argument("--epochs", type=int, default=None, help="epochs of every student (default: the ddranking preset's)")
     p.add_argument("--batch-size", type=int, default=None, help="syn_batch_size (default: the preset's)")
     p.add_argument("--temperature", type=float, default=None, help="KL temperature (default: the preset's)")
@@ -231,14 +231,14 @@ def main():
     p.add_argument("--full-data", default="every", choices=("every", "once"),
                    help="every: both sides retrain the full-data student every repeat (DD-Ranking's eval_full_data); "
                         "once: we train it once with DD-Ranking's full-data recipe and both sides take that top-1 "
-                        "(its eval_full_data=False path): the full-data row is then equal by construction")
-    p.add_argument("--threads", type=int, default=1, help="OMP/torch threads of each run (a shared 2-core box: 1)")
-    p.add_argument("--env", default=os.path.join(ROOT, ".venv-ddranking"), help="DD-Ranking's environment (made if absent)")
+                        "(its eval_full_data=False path): the full-data row is then equal by construction (default: every)")
+    p.add_argument("--threads", type=int, default=1, help="OMP/torch threads of each run (default 1, for a shared 2-core box)")
+    p.add_argument("--env", default=os.path.join(ROOT, ".venv-ddranking"), help="DD-Ranking's environment, made if absent (default: .venv-ddranking in the repository)")
     p.add_argument("--out", default=None, help="work folder (default runs/ddranking_check_<set name>)")
     p.add_argument("--run", default=None, metavar="EXPORT",
                    help="in DD-Ranking's environment: run it on an export (validate_fkd.py --export-ddranking EXPORT) of a "
                         "dataset it supports, with the mode-S workarounds; prints its figures, writes EXPORT/ddranking_result.json")
-    p.add_argument("--child", nargs=3, metavar=("KWARGS", "DIGITS", "OUT"), help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=3, metavar=("KWARGS", "DIGITS", "OUT"), help="internal: the DD-Ranking side of one mode, run by this script in DD-Ranking's environment")
     a = p.parse_args()
     if a.child:
         return child(*a.child)
@@ -270,24 +270,25 @@ def main():
         if os.path.exists(spec["LabelRobustScoreSoft"]["save_path"]):
             os.remove(spec["LabelRobustScoreSoft"]["save_path"])
         theirs_json, log = os.path.join(out, f"ddranking_{mode}.json"), os.path.join(out, f"ddranking_{mode}.log")
-        print(f"mode {mode}: DD-Ranking 0.2.0 in {a.env} (log {log})", flush=True)
+        ours_json, ours_log = os.path.join(out, f"ours_{mode}.json"), os.path.join(out, f"ours_{mode}.log")
+        print(f"mode {mode}: DD-Ranking 0.2.0 in {a.env} (log {log}) and validate_fkd.py --preset ddranking (log "
+              f"{ours_log}), side by side", flush=True)
         t0 = time.time()
-        with open(log, "w") as f:
-            r = subprocess.run([py, os.path.abspath(__file__), "--child", os.path.join(export, "ddranking.json"), digits,
-                                theirs_json], cwd=export, stdout=f, stderr=subprocess.STDOUT)
+        with open(log, "w") as f, open(ours_log, "w") as g:
+            theirs_p = subprocess.Popen([py, os.path.abspath(__file__), "--child", os.path.join(export, "ddranking.json"),
+                                         digits, theirs_json], cwd=export, stdout=f, stderr=subprocess.STDOUT)
+            ours_p = subprocess.Popen(base + ["--preset", "ddranking", "--out", ours_json], cwd=ROOT, stdout=g,
+                                      stderr=subprocess.STDOUT)
+            rc = theirs_p.wait(), ours_p.wait()
         with open(log) as f:
             for line in f:
-                if line.startswith("[ddranking] workaround"):
+                if line.startswith("[ddranking] workaround") or line.startswith("[ddranking] setting"):
                     print("  " + line.rstrip())
-        if r.returncode:
-            raise SystemExit(f"DD-Ranking failed (exit {r.returncode}); see {log}")
-        print(f"  DD-Ranking took {time.time() - t0:.0f} s", flush=True)
-        ours_json = os.path.join(out, f"ours_{mode}.json")
-        t0 = time.time()
-        with open(os.path.join(out, f"ours_{mode}.log"), "w") as f:
-            subprocess.run(base + ["--preset", "ddranking", "--out", ours_json], check=True, cwd=ROOT, stdout=f,
-                           stderr=subprocess.STDOUT)
-        print(f"  validate_fkd.py --preset ddranking took {time.time() - t0:.0f} s", flush=True)
+        if rc[0]:
+            raise SystemExit(f"DD-Ranking failed (exit {rc[0]}); see {log}")
+        if rc[1]:
+            raise SystemExit(f"validate_fkd.py failed (exit {rc[1]}); see {ours_log}")
+        print(f"  both took {time.time() - t0:.0f} s", flush=True)
         text, verdicts = table(mode, json.load(open(theirs_json)), ours(json.load(open(ours_json))))
         reports.append(text)
         print(text, flush=True)
