@@ -513,15 +513,18 @@ def train_repeat(args, name, images, targets, cfg, teacher, static_labels, fkd_d
     set (DD-Ranking's rule; the first of equal maxima, as its strict '>'). Returns (result, tried)."""
     if not args.lr_search:
         return train_once(args, images, targets, cfg, teacher, static_labels, fkd_dir, val_loader, d), None
-    tried = []
-    for lr in LR_GRID:
+    tried, seed = [], cfg.seed
+    for i, lr in enumerate(LR_GRID):
         cfg.lr = lr
+        # DD-Ranking's trials draw from one running RNG: each rate gets its own initialisation and batch order, so
+        # the kept maximum also selects over those (DDR:metrics/soft_label.py:239-265); here seed*5 + i
+        cfg.seed = seed * len(LR_GRID) + i if args.method == "ddranking" else seed
         if d.main:
-            print(f"[{name}] --lr-search: lr {lr}")
-        tried.append((lr, train_once(args, images, targets, cfg, teacher, static_labels, fkd_dir, val_loader, d)))
-    lr, res = max(tried, key=lambda t: t[1]["best"])
-    cfg.lr = lr
-    return res, [{"lr": r, "best": t["best"], "last": t["last"]} for r, t in tried]
+            print(f"[{name}] --lr-search: lr {lr} (seed {cfg.seed})")
+        tried.append((lr, cfg.seed, train_once(args, images, targets, cfg, teacher, static_labels, fkd_dir, val_loader, d)))
+    lr, _, res = max(tried, key=lambda t: t[2]["best"])
+    cfg.lr, cfg.seed = lr, seed
+    return res, [{"lr": r, "seed": sd, "best": t["best"], "last": t["last"]} for r, sd, t in tried]
 
 
 def summarise(runs):

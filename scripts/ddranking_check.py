@@ -115,6 +115,8 @@ def child(spec_path, digits_root, out_path):
     res = metric.compute_metrics(**args)
     import csv
     rows = list(csv.DictReader(open(init["save_path"])))
+    if not record["full"]:  # eval_full_data=False: the figure it read (soft_label.py:536-540)
+        record["full"] = [float(soft_label.REAL_DATA_ACC_CACHE[key])] * len(rows)
     record.update({"ior": [float(r["improvement_over_random"]) for r in rows],
                    "hlr": [float(r["hard_label_recovery"]) for r in rows], "lrs": [float(r["lrs"]) for r in rows],
                    "returned": {k: float(v) for k, v in res.items()}, "seconds": round(time.time() - t0, 1),
@@ -235,6 +237,9 @@ def main():
     p.add_argument("--threads", type=int, default=1, help="OMP/torch threads of each run (default 1, for a shared 2-core box)")
     p.add_argument("--env", default=os.path.join(ROOT, ".venv-ddranking"), help="DD-Ranking's environment, made if absent (default: .venv-ddranking in the repository)")
     p.add_argument("--out", default=None, help="work folder (default runs/ddranking_check_<set name>)")
+    p.add_argument("--reuse", action="store_true",
+                   help="print the table from the results already in --out (ddranking_<mode>.json, ours_<mode>.json) "
+                        "instead of running both sides again")
     p.add_argument("--run", default=None, metavar="EXPORT",
                    help="in DD-Ranking's environment: run it on an export (validate_fkd.py --export-ddranking EXPORT) of a "
                         "dataset it supports, with the mode-S workarounds; prints its figures, writes EXPORT/ddranking_result.json")
@@ -250,16 +255,25 @@ def main():
         p.error("give --syn-data-path")
     out = os.path.abspath(a.out or os.path.join(ROOT, "runs", "ddranking_check_" + os.path.basename(a.syn_data_path.rstrip("/"))))
     os.makedirs(out, exist_ok=True)
-    py = ensure_env(a.env)
+    py = None if a.reuse else ensure_env(a.env)
     extra = [f for k, v in (("--epochs", a.epochs), ("--batch-size", a.batch_size), ("--temperature", a.temperature),
                             ("--ipc", a.ipc)) if v is not None for f in (k, str(v))]
     os.environ["OMP_NUM_THREADS"] = str(a.threads)
-    if a.full_data == "once":
+    if a.full_data == "once" and not a.reuse:
         top1 = full_data_once(a.syn_data_path, extra, a.threads)
         extra += ["--full-top1", f"{top1:.4f}"]
     digits = os.path.join(out, "digits")
     reports = []
     for mode in a.modes:
+        theirs_json, ours_json = os.path.join(out, f"ddranking_{mode}.json"), os.path.join(out, f"ours_{mode}.json")
+        if a.reuse:
+            theirs = json.load(open(theirs_json))
+            if not theirs["full"]:  # written before the full-data figure was recorded: the one it read
+                given = json.load(open(os.path.join(out, f"export_{mode}", "export.json")))["full_data_top1"]
+                theirs["full"] = [given] * len(theirs["ior"])
+            text, _ = table(mode, theirs, ours(json.load(open(ours_json))))
+            reports.append(text)
+            continue
         export = os.path.join(out, f"export_{mode}")
         base = [sys.executable, os.path.join(ROOT, "validate_fkd.py"), "--syn-data-path", a.syn_data_path,
                 "--ddranking-mode", mode, "--repeats", str(a.repeats), *extra]
@@ -269,8 +283,8 @@ def main():
             write_digits(digits)
         if os.path.exists(spec["LabelRobustScoreSoft"]["save_path"]):
             os.remove(spec["LabelRobustScoreSoft"]["save_path"])
-        theirs_json, log = os.path.join(out, f"ddranking_{mode}.json"), os.path.join(out, f"ddranking_{mode}.log")
-        ours_json, ours_log = os.path.join(out, f"ours_{mode}.json"), os.path.join(out, f"ours_{mode}.log")
+        log = os.path.join(out, f"ddranking_{mode}.log")
+        ours_log = os.path.join(out, f"ours_{mode}.log")
         print(f"mode {mode}: DD-Ranking 0.2.0 in {a.env} (log {log}) and validate_fkd.py --preset ddranking (log "
               f"{ours_log}), side by side", flush=True)
         t0 = time.time()
