@@ -19,7 +19,9 @@ around from the driver process (monkeypatching; each is printed as it is applied
     against :158): set to its (single) teacher.
 Not part of the test suite (it builds a second environment and trains a few hundred students).
 
-  uv run python scripts/ddranking_check.py --syn-data-path runs/delt_digits_ipc10 --repeats 3
+  uv run python scripts/ddranking_check.py --syn-data-path runs/delt_digits_ipc10 --ipc 2 --full-data once --repeats 3
+  uv run python scripts/ddranking_check.py --syn-data-path runs/delt_digits_ipc10 --ipc 2 --out DIR --reuse  # table again
+The measured table and its settings: docs/validate.md ("Agreement with DD-Ranking itself").
 """
 import argparse
 import json
