@@ -2183,6 +2183,8 @@ def make_optimizer(model, name, lr, weight_decay, momentum=0.9, decay="weights")
         rest = [p for n, p in model.named_parameters() if p.ndim <= 1 and not every]
         return torch.optim.AdamW([{"params": decayed, "weight_decay": weight_decay},
                                   {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.999))
+    if name == "adamw_all":  # decay on every parameter (NUS-HPC-AI-Lab/DD-Ranking@b8b0966:ddranking/utils/train_and_eval.py:109-110)
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999))
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     raise UserError(f"unknown optimizer {name!r}")
@@ -2320,6 +2322,8 @@ class TrainConfig:
     alpha: float = 1.0
     eval_every: int = 10
     eval_from: float = 0.0  # first fraction of training without evaluation (RDED: 0.8)
+    eval_phase: int = 0  # evaluate when (epoch - eval_phase) % eval_every == 0 (DD-Ranking: eval_every - 1)
+    mix_labels: bool = True  # static labels follow the mix; False keeps each image's own (DD-Ranking mode S)
     seed: int = 0
     workers: int = 0
     precision: str = "auto"  # auto | fp32 | bf16 (resolve_precision)
@@ -2384,7 +2388,7 @@ def train_student(student, cfg, val_loader, device, train_set=None, teacher=None
                     with torch.no_grad():
                         target = teacher(x)
                 elif cfg.labels == "static":
-                    target = mix_targets(static_labels[idx], p)
+                    target = mix_targets(static_labels[idx], p) if cfg.mix_labels else static_labels[idx]
                 out = model(x)
                 if cfg.labels == "hard":
                     onehot = F.one_hot(y, out.shape[1]).float()
@@ -2400,7 +2404,7 @@ def train_student(student, cfg, val_loader, device, train_set=None, teacher=None
             t_wait = time.time()
         sched.step()
         last = epoch == cfg.epochs - 1
-        if d.main and (last or (epoch % cfg.eval_every == 0 and epoch >= cfg.eval_from * cfg.epochs)):
+        if d.main and (last or ((epoch - cfg.eval_phase) % cfg.eval_every == 0 and epoch >= cfg.eval_from * cfg.epochs)):
             acc = evaluate(student, val_loader, device, cfg.precision)
             history.append((epoch, acc))
             log(f"epoch {epoch:4d}  loss {float(total) / max(steps, 1):.4f}  lr {opt.param_groups[0]['lr']:.2e}  top1 {acc:.2f}")

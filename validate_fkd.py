@@ -30,7 +30,8 @@ real subsets at the same IPC and reports the improvement over random (IOR) paire
 adds DD-Ranking's hard-label recovery (HLR, against a full-real-data student trained once and cached)
 and label-robust score (LRS, on fractions; DD-Ranking 0.2.0's percentage-point value beside it).
 Everything goes to <set>/eval_<protocol>.json with the definitions. `--export-ddranking DIR` writes the
-set in DD-Ranking's formats instead.
+set in DD-Ranking's formats instead. `--preset ddranking --ddranking-mode S|M` runs DD-Ranking 0.2.0's own
+evaluation recipe, quirks included (DDRANKING_RECIPE; scripts/ddranking_check.py compares it with the package).
 
   python validate_fkd.py --syn-data-path runs/delt_digits_ipc10 --repeats 3 --baseline random
   python validate_fkd.py --syn-data-path runs/delt_digits_ipc10 --repeats 3 --lrs --dry-run
@@ -162,6 +163,47 @@ METHOD_PRESETS = {
                                  **({"student": "resnet50"} if d == "imagenet100" else {}))}  # README: RN-18 -> RN-50
                 for d in IMAGENET_LIKE}},
 }
+# DD-Ranking 0.2.0's evaluation as its code runs it (DDR = NUS-HPC-AI-Lab/DD-Ranking@b8b0966, whose ddranking/ equals the
+# PyPI 0.2.0 files and the "Release v0.2.0" commit c1ea0b3; ddranking/ omitted below). Values its constructor takes
+# come from DDR:configs/Demo_LRS_Soft_Label.yaml ("Demo yaml") where that sets them, else from the constructor's defaults
+# (DDR:metrics/soft_label.py:24-30); the mechanics are fixed in its code. Mode S = protocol static, M = rded.
+DDR = "NUS-HPC-AI-Lab/DD-Ranking@b8b0966"
+DDRANKING_RECIPE = dict(
+    optimizer="adamw_all",  # AdamW, decay on every parameter: Demo yaml:59, DDR:utils/train_and_eval.py:109-110
+    weight_decay=0.01,  # Demo yaml:61
+    schedule="quarter",  # 'cosine' = LambdaLR 0.5(1+cos(pi e/2E)) stepped per epoch: Demo yaml:60, train_and_eval.py:121-127
+    epochs=300, repeats=5,  # num_epochs, num_eval: Demo yaml:63-64
+    batch_size=256,  # syn_batch_size: constructor default (soft_label.py:28)
+    temperature=1.0, t_squared=False,  # KL(teacher || student) batchmean at T, no T^2: Demo yaml:54-56, loss/kl.py:53-60
+    mix="cutmix", alpha=1.0,  # Cutmix(beta 1.0) on every batch: Demo yaml:17-19, aug/cutmix.py:28-34, train_and_eval.py:174
+    crop="none", flip=False, factor=1,  # no crop, no flip: TensorDataset of the images as given (utils/data.py:38-52)
+    eval_every=20, eval_from=0.0,  # tested when (epoch + 1) % 20 == 0, best kept: soft_label.py:130,318,374
+    test_view="full", norm="dataset")  # test set: ToTensor + Normalize(dataset stats), no resize (utils/data.py:65-77)
+DDRANKING_QUIRKS = {
+    "S": ["mode S: cutmix mixes the images but each keeps its own soft label (DDR:metrics/soft_label.py:335, "
+          "utils/train_and_eval.py:174-187)"],
+    "M": ["mode M: the teacher labels each cutmixed batch online (DDR:utils/train_and_eval.py:174-180)"],
+    "all": ["five learning rates (0.001..0.1) tried per student, the best TEST top-1 kept (soft_label.py:210-266, 516-558)",
+            "hard-label students: the soft recipe's optimiser, schedule, epochs and batch, cross-entropy, no augmentation, "
+            "tested every 20 epochs (soft_label.py:268-316)",
+            "full-data student retrained every repeat for the soft recipe's epochs (not its config's) at batch 256, no "
+            "augmentation, with its per-dataset SGD config: a step schedule longer than the run is a constant rate "
+            "(soft_label.py:280-305, 526-535)",
+            "LRS on percentage points (soft_label.py:561-564): the reported LRS is lrs_ddranking_code"]}
+# its full-data configs (DDR:utils/train_and_eval.py:20-98), keyed by (DD-Ranking dataset, model); lr, weight decay,
+# StepLR step (gamma 0.1: get_lr_scheduler gets no gamma, train_and_eval.py:117). The loop runs the soft recipe's epochs.
+DDRANKING_REAL = {("CIFAR10", "ConvNet-3"): (0.01, 5e-4, 100), ("CIFAR10", "ConvNet-3-BN"): (0.01, 5e-4, 100),
+                  ("CIFAR100", "ConvNet-3"): (0.01, 5e-4, 100), ("CIFAR100", "ConvNet-3-BN"): (0.01, 5e-4, 100),
+                  ("TinyImageNet", "ConvNet-4-BN"): (0.01, 5e-4, 50), ("ImageNet1K", "ResNet-18-BN"): (0.1, 1e-4, 30),
+                  # not in DD-Ranking (it has no digits): our choice, its CIFAR10-ConvNet-3-BN entry
+                  ("digits", "ConvNet-3-BN"): (0.01, 5e-4, 100)}
+# its full-data top-1 figures (REAL_DATA_ACC_CACHE, DDR:utils/train_and_eval.py:15-18), read when eval_full_data is False
+# (the constructor's default, soft_label.py:28, 536-540); other pairs must train the full-data student
+DDRANKING_ACC_CACHE = {("ImageNet1K", "ResNet-18-BN"): 56.5, ("TinyImageNet", "ResNet-18-BN"): 46.4}
+METHOD_PRESETS["ddranking"] = {
+    "protocol": "static", "all": {"static": DDRANKING_RECIPE, "rded": DDRANKING_RECIPE},
+    # not published: our choice so that the 16 students of one repeat take about a minute on 2 CPU cores
+    "digits": {p: dict(epochs=20, batch_size=64) for p in ("static", "rded")}}
 METHOD_SCRIPTS = {"delt.py": "delt", "d4m.py": "d4m", "vlcp.py": "vlcp", "infer_ufc.py": "infer", "dmkd.py": "dmkd"}
 # RDED's student LR table (R:argument.py); CIFAR-100 conv3 -> conv3 uses 2e-3 with batch 25
 STUDENT_LR = {"efficientnet_b0": 2e-3, "mobilenet_v2": 2.5e-3, "mobilenet_v2_cifar": 2.5e-3}
@@ -211,7 +253,11 @@ def build_parser():
                    help="label protocol (see the header; default: the set's method's, else rded)")
     g.add_argument("--preset", default="auto", choices=("auto", "none", *METHOD_PRESETS),
                    help="whose official evaluation to apply: auto = the method named in the set's run.json; "
-                        "none = the protocol's generic recipe. Explicit flags beat it")
+                        "none = the protocol's generic recipe; ddranking = DD-Ranking 0.2.0's (--ddranking-mode). "
+                        "Explicit flags beat it")
+    g.add_argument("--ddranking-mode", default="S", choices=("S", "M"),
+                   help="--preset ddranking: DD-Ranking's soft_label_mode: S = one stored soft label per image (its "
+                        "constructor's default), M = the teacher on every augmented batch")
     g.add_argument("--label-mode", default="auto", choices=("auto", "teacher", "fkd", "static", "hard"),
                    help="override where targets come from (static + teacher = INFER's dynamic labels)")
     g.add_argument("--ipc", type=int, default=None, help="use the first K images (sorted) of every class")
@@ -232,6 +278,9 @@ def build_parser():
                         "HLR and the label-robust score LRS (implies --baseline random)")
     g.add_argument("--lrs-lambda", type=float, default=0.5, help="LRS weight of IOR against HLR (DD-Ranking's default 0.5)")
     g.add_argument("--hard-epochs", type=int, default=None, help="--lrs: epochs of the set's hard-label runs (default: the hard protocol's)")
+    g.add_argument("--full-top1", type=float, default=None, metavar="ACC",
+                   help="--lrs: take ACC as the full-data hard-label top-1 instead of training it (DD-Ranking's "
+                        "eval_full_data=False, which reads its REAL_DATA_ACC_CACHE)")
     g.add_argument("--full-epochs", type=int, default=None,
                    help="--lrs: epochs of the full-data hard-label run (default: DD-Ranking's real-data epochs)")
     g.add_argument("--lr-search", action="store_true",
@@ -249,7 +298,8 @@ def build_parser():
     g = p.add_argument_group("recipe (each overrides the protocol preset)")
     g.add_argument("--epochs", type=int, default=None, help="training epochs")
     g.add_argument("--batch-size", type=int, default=None, help="global batch size")
-    g.add_argument("--optimizer", default=None, choices=("adamw", "sgd"), help="optimizer")
+    g.add_argument("--optimizer", default=None, choices=("adamw", "adamw_all", "sgd"),
+                   help="optimizer (adamw_all: weight decay on every parameter, as DD-Ranking)")
     g.add_argument("--lr", type=float, default=None, help="learning rate")
     g.add_argument("--weight-decay", type=float, default=None, help="weight decay (AdamW: see --decay)")
     g.add_argument("--decay", default=None, choices=("weights", "all"),
@@ -261,7 +311,7 @@ def build_parser():
     g.add_argument("--t-squared", type=int, default=None, choices=(0, 1), help="multiply the KL by T^2")
     g.add_argument("--mix", default=None, choices=("cutmix", "mixup", "none"), help="batch mixing")
     g.add_argument("--alpha", type=float, default=None, help="Beta(alpha, alpha) of the mix")
-    g.add_argument("--crop", default=None, choices=("rrc", "pad"), help="RandomResizedCrop or padded RandomCrop")
+    g.add_argument("--crop", default=None, choices=("rrc", "pad", "none"), help="RandomResizedCrop, padded RandomCrop, or none")
     g.add_argument("--min-scale", type=float, default=None, help="RandomResizedCrop lower scale (default 1/factor)")
     g.add_argument("--factor", type=int, default=None, help="RDED ShufflePatches grid (1 = off)")
     g.add_argument("--flip", type=int, default=None, choices=(0, 1), help="random horizontal flips")
@@ -324,6 +374,12 @@ def choose_preset(args):
     else:
         method, source = None, (f"generic: the set was made by {made_by}, which has no evaluation preset here" if made_by
                                 else "generic: no method named in a run.json")
+    if args.export_ddranking and method != "ddranking":
+        if args.preset not in ("auto", "ddranking"):
+            raise common.UserError(f"--export-ddranking writes DD-Ranking's own recipe: drop --preset {args.preset}")
+        method, source = "ddranking", "--export-ddranking"
+    if args.protocol is None and method == "ddranking":
+        args.protocol = "static" if args.ddranking_mode == "S" else "rded"
     if args.protocol is None:
         proto = METHOD_PRESETS.get(method, {}).get("protocol", "rded")
         proto = proto.get(args.dataset, "rded") if isinstance(proto, dict) else proto
@@ -379,6 +435,18 @@ def resolve(args, method=None):
     if args.gamma is None:
         args.gamma = 0.1
     args.size = common.input_size(args.dataset, args.student)
+    if method == "ddranking":
+        if args.protocol not in ("static", "rded") or args.label_mode not in ("static", "teacher"):
+            raise common.UserError("--preset ddranking has two label modes: --ddranking-mode S (static) or M (teacher)")
+        args.ddranking_mode = "S" if args.label_mode == "static" else "M"
+        args.lr_search = True  # its students always search the five rates (soft_label.py:516-558)
+        args.lrs = True  # and every repeat trains the hard-label and full-data students (soft_label.py:516-535)
+        key = ddranking_key(args)
+        if args.full_top1 is None and key in DDRANKING_ACC_CACHE:
+            args.full_top1 = DDRANKING_ACC_CACHE[key]
+        elif args.full_top1 is None and key not in DDRANKING_REAL:
+            raise common.UserError(f"DD-Ranking 0.2.0 has neither a full-data figure nor a full-data recipe for "
+                                   f"{key[0]}-{key[1]}: choose --student (e.g. conv3 for CIFAR) or give --full-top1")
     norm = ((info.mean, info.std, f"{args.dataset} statistics ({'--norm' if explicit_norm else 'preset'} dataset)")
             if args.norm == "dataset" else
             (common.IMAGENET_MEAN, common.IMAGENET_STD, f"ImageNet statistics ({'--norm' if explicit_norm else 'preset'} imagenet)"))
@@ -404,12 +472,15 @@ def recipe_for(args, ipc, n_images):
                               decay=args.decay or "weights", schedule=args.schedule, milestones=tuple(milestones), gamma=args.gamma,
                               temperature=args.temperature or 1.0, t_squared=bool(args.t_squared),
                               mix=args.mix or "none", alpha=args.alpha or 1.0, eval_every=eval_every,
-                              eval_from=args.eval_from, seed=args.seed, workers=args.workers, precision=args.precision)
+                              eval_from=args.eval_from, seed=args.seed, workers=args.workers, precision=args.precision,
+                              **(dict(eval_phase=eval_every - 1, mix_labels=False) if args.method == "ddranking" else {}))
 
 
 def recipe_record(args, cfg):
     """Everything that decides a result, for the JSON and the dry run."""
-    return {**{k: v for k, v in vars(cfg).items() if k not in ("seed", "workers")}, "milestones": list(cfg.milestones), "crop": args.crop,
+    defaults = {"eval_phase": 0, "mix_labels": True}  # recorded only where a preset changes them (DD-Ranking's)
+    return {**{k: v for k, v in vars(cfg).items() if k not in ("seed", "workers") and (k not in defaults or v != defaults[k])},
+            "milestones": list(cfg.milestones), "crop": args.crop,
             "min_scale": args.min_scale, "factor": args.factor, "flip": bool(args.flip), "rand_augment": args.rand_augment,
             "color_jitter": args.color_jitter, "lighting": args.lighting, "size": args.size, "norm": args.norm,
             "norm_source": args.norm_source,
@@ -541,7 +612,10 @@ def augment_on_device(args, device):
     per_image_only = bool(args.rand_augment or args.color_jitter or args.lighting)
     if args.augment_on == "device" and per_image_only:
         raise common.UserError("--augment-on device does not do RandAugment, ColorJitter or Lighting: use --augment-on loader")
-    return args.augment_on == "device" or (args.augment_on == "auto" and str(device).startswith("cuda") and not per_image_only)
+    if args.augment_on == "device" and args.crop == "none":
+        raise common.UserError("--crop none has no device views: use --augment-on loader")
+    return args.augment_on == "device" or (args.augment_on == "auto" and str(device).startswith("cuda") and not per_image_only
+                                           and args.crop != "none")
 
 
 def resolve_execution(args, device):
@@ -571,6 +645,8 @@ def train_once(args, images, targets, cfg, teacher, static_labels, fkd_dir, val_
 
 
 def train_view(args):
+    if args.crop == "none":  # the images as they are, normalised (DD-Ranking: TensorDataset, no transform)
+        return T.Compose([common.to_tensor(), T.Normalize(args.mean, args.std)])
     return common.train_transform(args.size, args.mean, args.std, crop=args.crop, min_scale=args.min_scale,
                                   flip=bool(args.flip), factor=args.factor or 1, rand_augment=args.rand_augment,
                                   color_jitter=args.color_jitter or 0.0, lighting=args.lighting or 0.0)
@@ -581,15 +657,18 @@ def train_repeat(args, name, images, targets, cfg, teacher, static_labels, fkd_d
     set (DD-Ranking's rule; the first of equal maxima, as its strict '>'). Returns (result, tried)."""
     if not args.lr_search:
         return train_once(args, images, targets, cfg, teacher, static_labels, fkd_dir, val_loader, d), None
-    tried = []
-    for lr in LR_GRID:
+    tried, seed = [], cfg.seed
+    for i, lr in enumerate(LR_GRID):
         cfg.lr = lr
+        # DD-Ranking's trials draw from one running RNG: each rate gets its own initialisation and batch order, so
+        # the kept maximum also selects over those (DDR:metrics/soft_label.py:239-265); here seed*5 + i
+        cfg.seed = seed * len(LR_GRID) + i if args.method == "ddranking" else seed
         if d.main:
-            print(f"[{name}] --lr-search: lr {lr}")
-        tried.append((lr, train_once(args, images, targets, cfg, teacher, static_labels, fkd_dir, val_loader, d)))
-    lr, res = max(tried, key=lambda t: t[1]["best"])
-    cfg.lr = lr
-    return res, [{"lr": r, "best": t["best"], "last": t["last"]} for r, t in tried]
+            print(f"[{name}] --lr-search: lr {lr} (seed {cfg.seed})")
+        tried.append((lr, cfg.seed, train_once(args, images, targets, cfg, teacher, static_labels, fkd_dir, val_loader, d)))
+    lr, _, res = max(tried, key=lambda t: t[2]["best"])
+    cfg.lr, cfg.seed = lr, seed
+    return res, [{"lr": r, "seed": sd, "best": t["best"], "last": t["last"]} for r, sd, t in tried]
 
 
 def summarise(runs):
@@ -634,6 +713,7 @@ def random_real_runs(args, ipc, teacher, cfg_epochs, val_loader, d):
     """`--repeats` random real subsets at `ipc` (subset seeds seed+1000+r), one student each, same protocol."""
     info = common.dataset_info(args.dataset)
     real = common.real_dataset(args.dataset, args.data_path, "train",
+                               common.to_tensor() if args.method == "ddranking" else  # its random images: no resize or crop
                                common.eval_transform(args.dataset, args.size, normalize=False))
     teacher = teacher or (load_teachers(args, d.device) if args.label_mode == "fkd" else None)
     runs = []
@@ -659,7 +739,8 @@ def random_real_runs(args, ipc, teacher, cfg_epochs, val_loader, d):
 def label_robust_score(ior, hlr, lam=0.5):
     """LRS = (e^a - e^-1) / (e - e^-1), a = lam * IOR - (1 - lam) * HLR. On accuracies as fractions
     a lies in [-1, 1] and LRS in [0, 1]; DD-Ranking 0.2.0's code passes percentage points
-    (ddranking/metrics/soft_label.py compute_metrics), which pins LRS near -e^-1/(e - e^-1) = -0.157."""
+    (ddranking/metrics/soft_label.py:561-564): that LRS tends to -e^-1/(e - e^-1) = -0.157 once HLR exceeds IOR by a
+    few points, is 0.269 when they are equal and grows without bound when IOR exceeds HLR."""
     a = lam * ior - (1 - lam) * hlr
     return (math.exp(a) - math.exp(-1)) / (math.e - math.exp(-1))
 
@@ -668,13 +749,28 @@ def mean_std(values):
     return {"per_repeat": [float(v) for v in values], "mean": float(np.mean(values)), "std": float(np.std(values))}
 
 
+def ddranking_key(args):
+    """(DD-Ranking's dataset name, its model name of the student): the key of its full-data tables."""
+    return DDRANKING_DATASETS.get(args.dataset, (args.dataset,))[0], ddranking_model(args.student)[0]
+
+
+def ddranking_real_config(h):
+    """DD-Ranking's full-data (lr, weight decay, StepLR step) for the student, or a clear refusal."""
+    key = ddranking_key(h)
+    if key not in DDRANKING_REAL:
+        raise common.UserError(f"DD-Ranking 0.2.0 has no full-data config for {key[0]}-{key[1]} (its REAL_DATA_TRAINING_CONFIG "
+                               f"holds {sorted(f'{a}-{b}' for a, b in DDRANKING_REAL)}): choose --student accordingly")
+    return DDRANKING_REAL[key]
+
+
 def ddranking_metrics(syn, rand, syn_hard=None, full_hard=None, lam=0.5):
     """Per repeat r (all in percent): IOR_r = syn_r - rand_r (distilled seed s against random subset s),
     HLR_r = full_hard - syn_hard_r, LRS_r on fractions and, for comparison with published tables, the
     value DD-Ranking 0.2.0's code gives (percentage points in the exponential). Mean and population std."""
     out = {"ior": mean_std([s - r for s, r in zip(syn, rand)])}
     if syn_hard is not None and full_hard is not None:
-        hlr = [full_hard - h for h in syn_hard]
+        full_hard = full_hard if isinstance(full_hard, list) else [full_hard] * len(syn_hard)  # one full run per repeat
+        hlr = [f - h for f, h in zip(full_hard, syn_hard)]
         out["hlr"] = mean_std(hlr)
         out["lrs"] = mean_std([label_robust_score((s - r) / 100, h / 100, lam) for s, r, h in zip(syn, rand, hlr)])
         out["lrs_ddranking_code"] = mean_std([label_robust_score(s - r, h, lam) for s, r, h in zip(syn, rand, hlr)])
@@ -710,7 +806,13 @@ class WithIndex(torch.utils.data.Dataset):
 
 
 def hard_label_args(args):
-    """The hard protocol's generic recipe for this dataset with the evaluation's student and normalisation."""
+    """The hard protocol's generic recipe for this dataset with the evaluation's student and normalisation;
+    under --preset ddranking DD-Ranking's hard-label students: the soft recipe with cross-entropy on the class
+    labels and no augmentation (DDR:metrics/soft_label.py:268-316)."""
+    if args.method == "ddranking":
+        h = copy.copy(args)
+        h.protocol, h.label_mode, h.mix, h.epochs = "hard", "hard", "none", args.hard_epochs or args.epochs
+        return h
     argv = ["--dataset", args.dataset, "--protocol", "hard", "--preset", "none", "--student", args.student,
             "--mean", *map(str, args.mean), "--std", *map(str, args.std), "--seed", str(args.seed),
             "--device", str(args.device), "--workers", str(args.workers), "--repeats", str(args.repeats)]
@@ -735,6 +837,11 @@ def full_data_top1(h, val_loader, d, epochs):
     cfg.epochs = epochs
     cfg.milestones = (2 * epochs // 3, 5 * epochs // 6) if h.schedule == "step" and not h.milestones else cfg.milestones
     cfg.eval_every = max(1, epochs // 10)
+    if h.method == "ddranking":  # its full-data student: SGD m0.9 per its config, StepLR gamma 0.1, batch 256 (real_batch_size)
+        lr, wd, step = ddranking_real_config(h)
+        cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, cfg.schedule = "sgd", lr, wd, 0.9, "step"
+        cfg.milestones, cfg.gamma, cfg.batch_size = tuple(range(step, epochs, step)), 0.1, 256
+        cfg.eval_every, cfg.eval_phase, cfg.mix = 20, 19, "none"
     key = {"dataset": h.dataset, "student": h.student, "seed": h.seed, **recipe_record(h, cfg),
            "augment_on": "loader"}  # the real split's views are made per image by the loader
     key.pop("repeats"), key.pop("lr_search")
@@ -771,6 +878,18 @@ def hard_label_metrics(args, images, targets, ipc, d):
     val = common.real_dataset(h.dataset, h.data_path, "val", val_transform(h))
     val_loader = torch.utils.data.DataLoader(val, batch_size=256, num_workers=h.workers, worker_init_fn=common.quiet_worker)
     syn, cfg = evaluate_set(h, "distilled, hard labels", images, targets, ipc, None, None, None, val_loader, d)
+    if args.full_top1 is not None:  # given, not trained (DDR:metrics/soft_label.py:536-540)
+        return {"recipe": recipe_record(h, cfg), "student": h.student, **syn}, {
+            "top1": args.full_top1, "per_repeat": [args.full_top1] * h.repeats, "given": "--full-top1"}
+    if h.method == "ddranking":  # retrained every repeat (eval_full_data, DDR:metrics/soft_label.py:526-535)
+        runs = []
+        for r in range(h.repeats):
+            one = copy.copy(h)
+            one.seed = h.seed + r
+            runs.append(full_data_top1(one, val_loader, d, args.full_epochs or h.epochs))
+        top1 = [f["top1"] for f in runs]
+        return {"recipe": recipe_record(h, cfg), "student": h.student, **syn}, {
+            "top1": float(np.mean(top1)), "per_repeat": top1, "std": float(np.std(top1)), "runs": runs}
     full = full_data_top1(h, val_loader, d, args.full_epochs or FULL_DATA_EPOCHS[args.dataset])
     return {"recipe": recipe_record(h, cfg), "student": h.student, **syn}, full
 
@@ -798,10 +917,51 @@ def ddranking_state_dict(model, arch):
     return sd
 
 
+def ddranking_step_size(args):
+    """StepLR's step for --schedule step: DD-Ranking decays by 0.1 every step_size epochs (utils/train_and_eval.py:117)."""
+    ms = [int(m) for m in (args.milestones or "").split(",") if m]
+    if not ms or ms != list(range(ms[0], args.epochs, ms[0])):
+        raise common.UserError("DD-Ranking's step schedule decays every step_size epochs: give --milestones S,2S,3S,... "
+                               "below --epochs")
+    return ms[0]
+
+
+def ddranking_kwargs(args, ipc, model_name, student_tv, teacher_name, teacher_tv, dd_name, out_dir):
+    """Keyword arguments of DD-Ranking 0.2.0's LabelRobustScoreSoft(...) and of its compute_metrics(...), each a
+    name of its signature (DDR:metrics/soft_label.py:24-30, 495), for the resolved --preset ddranking recipe. Every
+    argument whose default fails in 0.2.0 is given (step_size with 'step'; random_data_format 'tensors'; loss_fn_kwargs
+    None); im_size only where it is not the default (32, 32): JSON holds a list, and its torchvision ResNet compares
+    im_size with a tuple (DDR:utils/model.py:97)."""
+    sched = {"quarter": "cosine", "step": "step", "cosine": None, "constant": None}[args.schedule]
+    opt = {"adamw_all": "adamw", "sgd": "sgd", "adamw": None}[args.optimizer]
+    if sched is None or opt is None or args.mix not in ("cutmix", "mixup", "none") or args.crop != "none":
+        raise common.UserError("DD-Ranking cannot run this recipe (its optimisers: adamw on every parameter, sgd; schedules: "
+                               "quarter cosine 'cosine', 'step'; no crops): export with the ddranking preset's values")
+    aug = {"cutmix": ("cutmix", {"beta": args.alpha}), "mixup": ("mixup", {"lambda": args.alpha}), "none": ("none", {})}[args.mix]
+    init = {"dataset": dd_name, "real_data_path": args.data_path or "./dataset/", "ipc": ipc, "model_name": model_name,
+            "soft_label_criterion": "kl", "loss_fn_kwargs": {"temperature": args.temperature, "scale_loss": bool(args.t_squared)},
+            "data_aug_func": aug[0], "aug_params": aug[1], "soft_label_mode": args.ddranking_mode, "optimizer": opt,
+            "lr_scheduler": sched, "step_size": ddranking_step_size(args) if sched == "step" else None, "weight_decay": args.weight_decay, "momentum": 0.9, "num_eval": args.repeats,
+            "num_epochs": args.epochs, "use_zca": False, "use_aug_for_hard": False, "random_data_format": "tensor",
+            "random_data_path": os.path.abspath(os.path.join(out_dir, "random_data")), "real_batch_size": 256,
+            "syn_batch_size": args.batch_size, "save_path": os.path.abspath(os.path.join(out_dir, "ddranking_scores.csv")),
+            "eval_full_data": args.full_top1 is None, "stu_use_torchvision": student_tv, "tea_use_torchvision": teacher_tv,
+            "num_workers": args.workers, "teacher_dir": os.path.abspath(os.path.join(out_dir, "teacher_models")),
+            "teacher_model_names": [teacher_name], "device": "cuda" if torch.cuda.is_available() else "cpu", "dist": False}
+    if args.size != 32:
+        init["im_size"] = [args.size, args.size]
+    call = {"image_tensor": os.path.abspath(os.path.join(out_dir, "images.pt")), "lrs_lambda": args.lrs_lambda}
+    if args.ddranking_mode == "S":
+        call["soft_labels"] = os.path.abspath(os.path.join(out_dir, "soft_labels.pt"))
+    return {"LabelRobustScoreSoft": init, "compute_metrics": call}
+
+
 def export_ddranking(args, folder, images, targets, rows, out_dir, d, stored=None):
     """images.pt (float [N,3,H,W], class-major, normalised as DD-Ranking normalises the dataset's test set),
     soft_labels.pt (float [N,C] teacher logits, row i = image i), the teacher at
-    teacher_models/<Dataset>/<Model>/ckpt_best.pt (a plain state dict in its key layout) and ddranking.json."""
+    teacher_models/<Dataset>/<Model>/ckpt_best.pt (a plain state dict in its key layout), ddranking.json (exactly
+    the keyword arguments of LabelRobustScoreSoft(...) and compute_metrics(...); the tensors as file paths to
+    torch.load) and export.json (what was exported, from where)."""
     info = common.dataset_info(args.dataset)
     counts = torch.bincount(targets, minlength=info.num_classes)
     if int(counts.min()) != int(counts.max()):
@@ -810,10 +970,13 @@ def export_ddranking(args, folder, images, targets, rows, out_dir, d, stored=Non
     if "," in args.teacher:
         raise common.UserError("export one teacher for DD-Ranking (--teacher with one architecture)")
     model_name, torchvision_variant = ddranking_model(args.teacher)
+    student_name, student_tv = ddranking_model(args.student)
     dd_name, dd_mean, dd_std = DDRANKING_DATASETS.get(args.dataset, (args.dataset, info.mean, info.std))
     teacher = load_teachers(args, d.device, cast=False)  # the file gets the fp32 weights, whatever --precision
     if any(isinstance(m, torch.nn.GroupNorm) for m in teacher.modules()):  # an instance-norm ConvNet: its default
         model_name = model_name.removesuffix("-BN")
+    ipc = int(counts[0])
+    kwargs = ddranking_kwargs(args, ipc, student_name, student_tv, model_name, torchvision_variant, dd_name, out_dir)
     if stored is not None:  # the set's soft_labels.pt, checked against the set (stored_soft_labels)
         soft = stored[rows].float()
         source = "the set's soft_labels.pt"
@@ -827,27 +990,27 @@ def export_ddranking(args, folder, images, targets, rows, out_dir, d, stored=Non
     common.atomic_torch_save(common.normalize(images.float() / 255, dd_mean, dd_std).contiguous(),
                              os.path.join(out_dir, "images.pt"))
     common.atomic_torch_save(soft.contiguous(), os.path.join(out_dir, "soft_labels.pt"))
-    ipc = int(counts[0])
-    spec = {"dataset": dd_name, "ipc": ipc, "num_images": len(targets), "model_name": model_name,
-            "im_size": [args.size, args.size], "teacher_dir": os.path.abspath(os.path.join(out_dir, "teacher_models")),
-            "teacher_model_names": [model_name], "tea_use_torchvision": torchvision_variant,
-            "stu_use_torchvision": torchvision_variant, "soft_label_mode": "S", "soft_label_criterion": "kl",
-            "loss_fn_kwargs": {"temperature": args.temperature or 1.0, "scale_loss": bool(args.t_squared)},
-            "image_tensor": os.path.abspath(os.path.join(out_dir, "images.pt")),
-            "soft_labels": os.path.abspath(os.path.join(out_dir, "soft_labels.pt")), "soft_labels_from": source,
-            "image_path": os.path.abspath(folder), "images_normalised_with": {"mean": list(dd_mean), "std": list(dd_std)},
+    common.atomic_write_json(os.path.join(out_dir, "ddranking.json"), kwargs)
+    spec = {"ddranking_version": "0.2.0", "code": DDR, "dataset": dd_name, "ipc": ipc, "num_images": len(targets),
+            "model_name": student_name, "teacher_model_name": model_name, "im_size": [args.size, args.size],
+            "soft_labels_from": source, "image_path": os.path.abspath(folder),
+            "images_normalised_with": {"mean": list(dd_mean), "std": list(dd_std)},
             "teacher_expects": {"mean": list(args.mean), "std": list(args.std)},
             "order": "class-major, IPC images per class in ImageFolder order (DD-Ranking's hard labels)",
-            "usage": "LabelRobustScoreSoft(dataset=..., ipc=..., model_name=..., im_size=..., teacher_dir=..., "
-                     "teacher_model_names=..., soft_label_mode='S', ...).compute_metrics(image_tensor=torch.load("
-                     "image_tensor), soft_labels=torch.load(soft_labels)); image_path suits soft_label_mode 'M' "
-                     "(teacher online) with a custom_train_trans that normalises"}
-    common.atomic_write_json(os.path.join(out_dir, "ddranking.json"), spec)
+            "supported_by_ddranking": dd_name in {v[0] for v in DDRANKING_DATASETS.values()},
+            # with eval_full_data False DD-Ranking reads REAL_DATA_ACC_CACHE[dataset-model]; a figure it lacks is set there
+            "full_data_top1": args.full_top1, "full_data_top1_is_ddranking_s": ddranking_key(args) in DDRANKING_ACC_CACHE,
+            "usage": "kw = json.load(open('ddranking.json')); m = LabelRobustScoreSoft(**kw['LabelRobustScoreSoft']); "
+                     "m.compute_metrics(**{k: torch.load(v) if k in ('image_tensor', 'soft_labels') else v for k, v in "
+                     "kw['compute_metrics'].items()}) -- mode S needs the two workarounds of docs/validate.md"}
+    common.atomic_write_json(os.path.join(out_dir, "export.json"), spec)
     if tuple(args.mean) != tuple(dd_mean) or tuple(args.std) != tuple(dd_std):
         print(f"note: the teacher was used with mean {list(args.mean)} / std {list(args.std)}, but DD-Ranking normalises "
               f"{dd_name} with {list(dd_mean)} / {list(dd_std)}: its online teacher (mode M) sees other inputs")
+    if not spec["supported_by_ddranking"]:
+        print(f"note: DD-Ranking 0.2.0 has no dataset {dd_name!r}; scripts/ddranking_check.py supplies it from outside")
     print(f"exported {len(targets)} images ({ipc} per class), soft labels from {source}, teacher {args.teacher} as "
-          f"DD-Ranking {model_name} -> {out_dir}")
+          f"DD-Ranking {model_name}, student {student_name}, mode {args.ddranking_mode} -> {out_dir}")
     return spec
 
 
@@ -868,6 +1031,9 @@ def main(argv=None):
     preset_line = (f"preset: {method or 'none'} ({source}); protocol {args.protocol}; inputs normalised with "
                    f"mean {[round(m, 4) for m in args.mean]} std {[round(v, 4) for v in args.std]} ({args.norm_source})"
                    + (f"; {args.dataset} recipe: {args.preset_note}" if args.preset_note else ""))
+    quirks = DDRANKING_QUIRKS[args.ddranking_mode] + DDRANKING_QUIRKS["all"] if method == "ddranking" else None
+    if quirks:
+        preset_line += f"; DD-Ranking 0.2.0 mode {args.ddranking_mode} ({DDR}), quirks reproduced: " + "; ".join(quirks)
 
     # --- dry run: the resolved recipe, nothing loaded or trained ---
     if args.dry_run:
@@ -928,6 +1094,7 @@ def main(argv=None):
     teacher = load_teachers(args, d.device) if args.label_mode in ("teacher", "static") else None
     record = {"protocol": args.protocol, "label_mode": args.label_mode, "dataset": args.dataset,
               "preset": method, "preset_source": source, "preset_note": args.preset_note,
+              **({"ddranking": {"version": "0.2.0", "code": DDR, "mode": args.ddranking_mode, "quirks": quirks}} if quirks else {}),
               "syn_data_path": os.path.abspath(folder) if folder else None, "student": args.student,
               "teacher": None if args.label_mode == "hard" else args.teacher, "teacher_path": args.teacher_path,
               "repeats": args.repeats, "std": "population standard deviation (numpy ddof=0) over repeats",
@@ -977,7 +1144,8 @@ def main(argv=None):
             metrics.update({"hard_label": hard, "full_data": full})
             if args.lr_search:
                 record["lr_search"]["distilled_hard_labels"] = [r.get("lr") for r in hard["runs"]]
-        metrics.update(ddranking_metrics(syn, rand, syn_hard, full["top1"] if full else None, args.lrs_lambda))
+        metrics.update(ddranking_metrics(syn, rand, syn_hard, (full.get("per_repeat") or full["top1"]) if full else None,
+                                         args.lrs_lambda))
         record["metrics"] = metrics
 
     # --- the record and one summary line ---

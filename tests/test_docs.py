@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT
 
 SCRIPTS = ["delt.py", "infer_ufc.py", "d4m.py", "vlcp.py", "dmkd.py", "validate_fkd.py",
-           "scripts/bench_train.py", "scripts/digits_results.py", "scripts/time_quickstart.py",
+           "scripts/bench_train.py", "scripts/digits_results.py", "scripts/time_quickstart.py", "scripts/ddranking_check.py",
            "tests/tiny_models.py"]
 DOCS = [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]
 
