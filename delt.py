@@ -73,7 +73,6 @@ DEFAULTS = dict(
     selection="medium",        # D:data_selection.py, the "medium_prob" init of the scripts
     init="real",               # DELT initialises from the selected real images
     norm="auto",               # what the teacher checkpoint expects (common.resolve_norm), else the dataset's
-    eval=False,
 )
 PRESETS = {
     "imagenet": dict(teacher="resnet18"),             # torchvision IMAGENET1K_V1 (official)
@@ -85,20 +84,19 @@ PRESETS = {
     "cifar100": dict(teacher="resnet18_modified"),    # not published: RDED's CIFAR ResNet-18
     # not published: our choice so that `python delt.py` (IPC 10) recovers in under a CPU-minute and
     # evaluates itself; 10 rounds of 10 iterations keep the EarlyLate structure (1 image per round)
-    "digits": dict(teacher="conv3", iterations=100, round_itr=10, lr=0.1, r_bn=0.01, eval=True),
+    "digits": dict(teacher="conv3", iterations=100, round_itr=10, lr=0.1, r_bn=0.01),
 }
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_generic_args(p, ipc=10)
-    p.set_defaults(eval=None)
+    common.add_generic_args(p, ipc=10, out="runs/delt_<dataset>_ipc<ipc>")
     g = p.add_argument_group("evaluation (validate_fkd.py, DELT's protocol D:evaluation/argument.py)")
-    g.add_argument("--no-eval", dest="eval", action="store_false", help="skip the evaluation (on by default for digits)")
     g.add_argument("--eval-student", default=None, help="student architecture (default: the teacher's)")
     g.add_argument("--eval-epochs", type=int, default=None, help="student epochs (default: validate_fkd's preset)")
-    g.add_argument("--eval-repeats", type=int, default=1, help="students per set (mean ± std when > 1)")
+    g.add_argument("--eval-repeats", type=int, default=None,
+                   help="students on the set and on random real images (default: 3 on digits, else DELT's 3 seeds)")
     g = p.add_argument_group("teacher")
     g.add_argument("--teacher", default=None, help="teacher architecture (common.ARCHS); ranks and recovers")
     g.add_argument("--teacher-path", default=None, help="teacher checkpoint (RDED/torchvision formats)")
@@ -436,6 +434,7 @@ def mean_of(values):
 # ------------------------------------------------------------------------------------------------
 def main(argv=None):
     args = common.apply_presets(build_parser().parse_args(argv), PRESETS, DEFAULTS)
+    common.eval_on(args)
     for flag, bad, rule in (("ipc", args.ipc < 1, ">= 1"), ("batch-size", args.batch_size < 1, ">= 1"),
                             ("iterations", args.iterations < 1, ">= 1"), ("lr", args.lr <= 0, "> 0"),
                             ("milestone", args.milestone < 0, ">= 0"), ("jitter", args.jitter < 0, ">= 0")):
@@ -445,6 +444,8 @@ def main(argv=None):
         raise common.UserError(f"EarlyLate needs --iterations ({args.iterations}) to be a positive multiple of "
                                f"--round-itr ({args.round_itr}); or pass --no-early-late")
     args.out = args.out or os.path.join("runs", f"delt_{args.dataset}_ipc{args.ipc}")
+    ignore = ("eval_student", "eval_epochs", "eval_repeats", "cuda_graph")
+    common.RunDir.precheck(args.out, args, args.overwrite, ignore)  # before the teacher is trained or loaded
     d = common.dist_setup(args.device)
     common.seed_everything(args.seed)
     mean, std, norm_source = common.resolve_norm(args.dataset, [args.teacher_path], args.mean, args.std, args.norm)
@@ -464,6 +465,7 @@ def main(argv=None):
     # --- stage 0: squeeze = a pre-trained teacher (D:recover/models.py), trained/cached once for digits ---
     if not d.main:
         common.barrier()  # rank 0 trains/caches a digits teacher first
+    teacher_reused = common.teacher_cached(args.teacher, args.dataset, args.teacher_path)
     teacher = common.load_teacher(args.teacher, args.dataset, args.teacher_path, args.data_path, device=d.device)
     if d.main:
         common.barrier()
@@ -474,7 +476,7 @@ def main(argv=None):
     run = common.RunDir(args.out, args, classes, rank=d.rank, overwrite=args.overwrite,
                         extra_artefacts=("ranking.csv", "eval_rded.json",
                                          *(f"delt_stats_rank{r}.jsonl" for r in range(1024))),
-                        ignore=("eval_student", "eval_epochs", "eval_repeats", "cuda_graph"))
+                        ignore=ignore)
     run.record["normalisation"] = {"mean": list(mean), "std": list(std), "source": norm_source}
     if d.main:
         print(f"teacher inputs normalised with mean {mean} std {std} ({norm_source})")
@@ -627,14 +629,14 @@ def main(argv=None):
         student = args.eval_student or args.teacher
         cmd = ["--syn-data-path", args.out, "--dataset", args.dataset, "--protocol", "rded", "--ipc", str(args.ipc),
                "--teacher", args.teacher, "--student", student, "--mean", *map(str, mean), "--std", *map(str, std),
-               "--repeats", str(args.eval_repeats),
                "--rand-augment", "rand-m6-n2-mstd1.0", "--min-scale", "0.25", "--factor", "1",
                "--baseline", "random", "--seed", str(args.seed), "--device", args.device, "--precision", args.precision]
         cmd += ["--data-path", args.data_path] if args.data_path else []
         cmd += ["--teacher-path", args.teacher_path] if args.teacher_path else []
         cmd += ["--epochs", str(args.eval_epochs)] if args.eval_epochs else []
+        cmd += ["--repeats", str(common.eval_repeats(args))] if common.eval_repeats(args) else []
         t0 = time.time()
-        result = validate_fkd.main(cmd)
+        result = validate_fkd.main(cmd, closing=False, norm_source=f"{norm_source}, as in recover")
         if d.main:
             run.record["stages"]["evaluation"] = {"seconds": round(time.time() - t0, 3)}
             run.record["eval"] = {k: result[k] for k in ("protocol", "best_mean", "best_std", "last_mean", "last_std")}
@@ -643,18 +645,16 @@ def main(argv=None):
 
     if d.main:
         rd = run.record["delt"]
-        line = (f"delt: {args.dataset} ipc {args.ipc} -> {args.out} | recover {run.record['stages']['recover']['seconds']:.0f}s, "
+        line = (f"recover {run.record['stages']['recover']['seconds']:.0f}s, "
                 f"{rd['image_iterations']} image-its ({rd['image_iterations'] / (len(classes) * args.ipc * args.iterations):.1%} "
                 f"of all-at-T) | objective (CE + r_bn*BN) on the recover views {rd['objective_on_recover_views']['before']:.3f}"
                 f" -> {rd['objective_on_recover_views']['after']:.3f} | unaugmented BN loss {rd['bn_loss_before']:.3f} -> "
                 f"{rd['bn_loss_after']:.3f}")
         if rd["diversity"]["final_mean"] is not None:
             line += f" | diversity (cos, lower = more diverse) {rd['diversity']['initial_mean']:.3f} -> {rd['diversity']['final_mean']:.3f}"
-        if result is not None:
-            b = result["baseline"]
-            line += (f" | top-1 distilled {result['best_mean']:.2f} ± {result['best_std']:.2f} vs random real "
-                     f"{b['best_mean']:.2f} ± {b['best_std']:.2f}")
         print(line)
+        print(common.closing_line("delt", args.dataset, args.ipc, args.out, result, {
+            "teacher": teacher_reused, "ranking": run.record.get("ranking", {}).get("reused")}))
     return result
 
 

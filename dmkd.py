@@ -104,8 +104,8 @@ KD_FLAGS = ("stage", "syn_data_path", "teacher", "teacher_path", "student", "epo
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    common.add_generic_args(p, ipc=None)
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_generic_args(p, ipc=None, out="runs/dmkd_<dataset> (--syn-data-path: that folder)")
     g = p.add_argument_group("synthesis (Sec. 3.1, AIGC_generate.py)")
     g.add_argument("--images-per-class", dest="ipc", type=int, default=argparse.SUPPRESS,
                    help="alias of --ipc: synthetic images per class (official: 200)")
@@ -149,7 +149,10 @@ def parse_args(argv=None):
                    "(default: what the teacher checkpoint expects, else the dataset's; CIFAR-100 (0.5071, 0.4867, 0.4408))")
     k.add_argument("--std", type=float, nargs=3, default=None, help="input normalisation std (CIFAR-100: "
                    "(0.2675, 0.2565, 0.2761))")
-    k.add_argument("--eval-protocol", default="rded", help="validate_fkd protocol for --eval")
+    k.add_argument("--eval-protocol", default="rded", choices=("rded", "hard"),
+                   help="validate_fkd protocol for --eval (the collection's common yardstick beside DM-KD's own KD)")
+    k.add_argument("--eval-repeats", type=int, default=None,
+                   help="--eval: students on the set and on random real images (default: 3 on digits, else 1)")
     common.document_defaults(p, PRESETS, DEFAULTS, (
         "ImageNet from zhengli97/DM-KD@bbab9ce (AIGC_generate.py, scripts/imagenet_distill.sh); CIFAR from its "
         "train_student.py argparse defaults; other datasets and digits: not published, our choice. The "
@@ -157,6 +160,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     lr_given = args.lr is not None
     common.apply_presets(args, PRESETS, DEFAULTS)
+    common.eval_on(args)
     if not lr_given and args.dataset.startswith("cifar") and args.student in SMALL_LR_STUDENTS:
         args.lr = 0.02
     s, t = FIDELITY[args.fidelity]
@@ -374,10 +378,12 @@ def main(argv=None):
     d = common.dist_setup(args.device)
     common.seed_everything(args.seed)
     synth, distill = args.stage in ("all", "synthesize"), args.stage in ("all", "distill")
+    teacher_reused = False
     resolution = args.resolution or info.size
 
     # everything that can fail on bad input fails here, before any output is touched
     if synth:
+        common.RunDir.precheck(args.out, args, args.overwrite, KD_FLAGS)  # before the generator or teacher loads
         ids = class_imagenet_ids(args.dataset, classes, args.class_map)
         pipe = load_dit(args.model, args.vae, args.scheduler, d.device)
         n_model = pipe.transformer.config.num_embeds_ada_norm
@@ -388,6 +394,7 @@ def main(argv=None):
         if common.input_size(args.dataset, args.teacher) != size:
             raise common.UserError(f"teacher {args.teacher} and student {args.student} see different input sizes on "
                                    f"{args.dataset}: pick a pair with the same resolution")
+        teacher_reused = common.teacher_cached(args.teacher, args.dataset, args.teacher_path, args.seed)
         teacher = common.load_teacher(args.teacher, args.dataset, args.teacher_path, args.data_path, args.seed, d.device)
         mean, std, norm_source = kd_norm(args)
         val_set = common.real_dataset(args.dataset, args.data_path, "val",
@@ -453,15 +460,21 @@ def main(argv=None):
                                  "mean": list(mean), "std": list(std), "normalisation": norm_source,
                                  "loss": "KL(p_t||p_s) batchmean * T^2, alpha 1, no CE"}}
             common.atomic_write_json(os.path.join(args.out, f"kd_{args.student}.json"), record)
-            print(f"dmkd {args.dataset}: {len(train_set)} images -> student {args.student} top-1 best "
+            print(f"KD result: {len(train_set)} images -> student {args.student} top-1 best "
                   f"{result['best']:.2f} last {result['last']:.2f} (teacher {args.teacher} {teacher_top1:.2f})")
 
     # --- optional: the collection's common yardstick on the synthetic set ---
-    if args.eval and synth and d.main:
+    result = None
+    if args.eval and synth:  # every rank: validate_fkd trains with DDP under torchrun
         import validate_fkd
-        validate_fkd.main(["--syn-data-path", args.out, "--dataset", args.dataset, "--protocol", args.eval_protocol,
-                           "--ipc", str(args.ipc), "--device", d.device, "--workers", str(args.workers)]
-                          + (["--data-path", args.data_path] if args.data_path else []))
+        repeats = common.eval_repeats(args)
+        result = validate_fkd.main(["--syn-data-path", args.out, "--dataset", args.dataset, "--protocol", args.eval_protocol,
+                                    "--ipc", str(args.ipc), "--device", d.device, "--workers", str(args.workers)]
+                                   + (["--data-path", args.data_path] if args.data_path else [])
+                                   + (["--repeats", str(repeats)] if repeats else [])
+                                   + (["--baseline", "random"] if args.dataset == "digits" else []), closing=False)
+    if d.main:
+        print(common.closing_line("dmkd", args.dataset, args.ipc, args.out, result, {"teacher": teacher_reused}))
 
 
 if __name__ == "__main__":

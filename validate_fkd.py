@@ -454,8 +454,9 @@ def summarise(runs):
             "last_mean": float(np.mean(last)), "last_std": float(np.std(last)), "runs": runs}
 
 
-def evaluate_set(args, name, images, targets, ipc, teacher, static_labels, fkd_dir, val_loader, d):
-    """`--repeats` students on one set; mean and population std of best and last."""
+def evaluate_set(args, name, images, targets, ipc, teacher, static_labels, fkd_dir, val_loader, d, label=None):
+    """`--repeats` students on one set; mean and population std of best and last. `label` replaces the
+    "repeat r/N" of the log line (a random real subset is one repeat of its own)."""
     runs = []
     for r in range(args.repeats):
         cfg = recipe_for(args, ipc, len(targets))
@@ -465,14 +466,22 @@ def evaluate_set(args, name, images, targets, ipc, teacher, static_labels, fkd_d
                 raise common.UserError(f"--epochs {cfg.epochs} exceeds the {meta['epochs']} epochs of stored FKD labels in {fkd_dir}")
         cfg.seed = args.seed + r
         if d.main:
-            print(f"[{name}] repeat {r + 1}/{args.repeats}: {len(targets)} images, protocol {args.protocol} "
+            print(f"[{name}] {label or f'repeat {r + 1}/{args.repeats}'}: {len(targets)} images, protocol {args.protocol} "
                   f"({cfg.labels} labels), student {args.student}, {cfg.epochs} epochs, batch {cfg.batch_size}, seed {cfg.seed}")
         res, tried = train_repeat(args, name, images, targets, cfg, teacher, static_labels, fkd_dir, val_loader, d)
         runs.append({"seed": cfg.seed, "best": res["best"], "last": res["last"], "history": res["history"],
                      "seconds": round(res["seconds"], 2), "images_per_s": round(res["images_per_s"], 1)})
         if tried:
             runs[-1].update({"lr": cfg.lr, "lr_search": tried})
-    return {"images": len(targets), "ipc": ipc, "epochs": cfg.epochs, "batch_size": cfg.batch_size, **summarise(runs)}, cfg
+    return {"images": len(targets), "ipc": ipc, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
+            "steps": cfg.epochs * steps_per_epoch(len(targets), cfg, fkd_dir), **summarise(runs)}, cfg
+
+
+def steps_per_epoch(n, cfg, fkd_dir=None):
+    """Optimiser steps of one epoch: the loader's batches (a last batch of one image is dropped,
+    common.train_student), or the stored FKD batches."""
+    bs = common.fkd_meta(fkd_dir)["batch_size"] if cfg.labels == "fkd" else cfg.batch_size
+    return n // bs + (n % bs > 1)
 
 
 def store_fkd_labels(args, images, ipc, teacher, fkd_dir, epochs, d):
@@ -491,7 +500,7 @@ def random_real_runs(args, ipc, teacher, cfg_epochs, val_loader, d):
     real = common.real_dataset(args.dataset, args.data_path, "train",
                                common.eval_transform(args.dataset, args.size, normalize=False))
     teacher = teacher or (load_teachers(args, d.device) if args.label_mode == "fkd" else None)
-    runs = []
+    runs, res = [], {}
     for r in range(args.repeats):
         idx = common.random_subset(real.targets, ipc, args.seed + 1000 + r, info.num_classes)
         x, y = common.stack_images(real, idx, workers=args.workers)
@@ -502,10 +511,11 @@ def random_real_runs(args, ipc, teacher, cfg_epochs, val_loader, d):
                 store_fkd_labels(args, x, ipc, teacher, tmp, cfg_epochs or args.relabel_epochs or args.epochs, d)
             one = copy.copy(args)
             one.repeats, one.seed = 1, args.seed + r
-            res, _ = evaluate_set(one, f"random real {r + 1}/{args.repeats}", x, y, ipc, teacher, labels, tmp, val_loader, d)
+            res, _ = evaluate_set(one, "random real", x, y, ipc, teacher, labels, tmp, val_loader, d,
+                                  label=f"subset {r + 1}/{args.repeats}")
         runs += res["runs"]
     return {"kind": "random real subsets", "ipc": ipc, "subset_seeds": [args.seed + 1000 + r for r in range(args.repeats)],
-            **summarise(runs)}
+            "epochs": res.get("epochs"), "steps": res.get("steps"), **summarise(runs)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -694,10 +704,14 @@ def export_ddranking(args, folder, images, targets, rows, out_dir, d):
     return spec
 
 
-def main(argv=None):
+def main(argv=None, closing=True, norm_source=None):
+    """The evaluation; returns its record. `closing`: print the closing line (a script that evaluates its
+    own set prints it instead, with its own facts); `norm_source`: why the --mean/--std a script passes
+    are what they are (printed instead of "--mean/--std", which its user did not pass)."""
     args = build_parser().parse_args(argv)
     method, source = choose_preset(args)
     args = resolve(args, method)
+    args.norm_source = norm_source or args.norm_source
     augment_on_device(args, args.device)  # refuses --augment-on device with per-image-only ops, before any output
     if not args.syn_data_path and not args.random_real:
         raise common.UserError("give --syn-data-path (a set to evaluate) or --random-real IPC (random real subsets only)")
@@ -707,6 +721,8 @@ def main(argv=None):
         args.baseline = "random"
     info = common.dataset_info(args.dataset)
     folder = args.syn_data_path.rstrip("/") if args.syn_data_path else None
+    if folder and not os.path.isdir(folder):  # before any output
+        raise common.UserError(f"the set {folder} does not exist (--syn-data-path)")
     fkd_dir = folder  # stored FKD labels are files in the set's root (common.fkd_path; the old fkd/ folder is read too)
     preset_line = (f"preset: {method or 'none'} ({source}); protocol {args.protocol}; inputs normalised with "
                    f"mean {[round(m, 4) for m in args.mean]} std {[round(v, 4) for v in args.std]} ({args.norm_source})")
@@ -723,9 +739,11 @@ def main(argv=None):
             print(f"  {k:14s} {json.dumps(v)}")
         return resolved
     d = common.dist_setup(args.device)
+    classes = common.class_list(args.dataset, args.data_path)  # missing data stops before the preset line
+    teacher_reused = args.label_mode != "hard" and any(common.teacher_cached(a, args.dataset, args.teacher_path)
+                                                       for a in args.teacher.split(","))
     if d.main:
         print(preset_line)
-    classes = common.class_list(args.dataset, args.data_path)
 
     # --- the distilled set (checked against the dataset's class list) ---
     if folder:
@@ -835,7 +853,10 @@ def main(argv=None):
         if args.lr_search:
             print(f"lr search (selected on the test set): distilled {record['lr_search']['distilled']}, "
                   f"random {record['lr_search']['random']}")
-        print(f"wrote {out}")
+        if closing:
+            reused = {"teacher": teacher_reused,
+                      "full-data student": bool(record.get("metrics", {}).get("full_data", {}).get("cached"))}
+            print(common.closing_line("validate_fkd", args.dataset, ipc, out, record, reused))
     return record
 
 
