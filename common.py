@@ -1595,10 +1595,11 @@ def apply_presets(args, presets, defaults):
     return args
 
 
-def document_defaults(p, presets=None, defaults=None, sources=""):
+def document_defaults(p, presets=None, defaults=None, sources="", citations=""):
     """Make `--help` a complete guide: every flag's help ends with its default; a flag filled from the
     per-dataset presets lists the value of each dataset that has one; `sources` (where the presets come
-    from, read the comment beside each value in the file for the exact line) goes to the epilog."""
+    from, read the comment beside each value in the file for the exact line) and `citations` (the key
+    of the short citations like D:path in the help texts) go to the epilog."""
     presets, defaults = presets or {}, defaults or {}
     for a in p._actions:
         if a.help in (None, argparse.SUPPRESS) or a.dest == "help" or "default" in a.help.lower():
@@ -1610,6 +1611,8 @@ def document_defaults(p, presets=None, defaults=None, sources=""):
             a.help += f" (preset: {text})".replace("%", "%%")
         elif isinstance(a, argparse._StoreAction) and a.default not in (None, argparse.SUPPRESS):
             a.help += " (default: %(default)s)"
+    if citations:
+        p.epilog = ((p.epilog + "\n\n") if p.epilog else "") + "citations: " + citations
     if sources:
         p.epilog = ((p.epilog + "\n\n") if p.epilog else "") + "presets: " + sources
     return p

@@ -132,7 +132,9 @@ def parse_args(argv=None):
     common.document_defaults(p, PRESETS, DEFAULTS, (
         "ImageNet-1K from suduo94/D4M@da35d10 (distillation/gen_prototype_imgnt.sh, gen_syn_image_imgnt.sh, "
         "matching/matching.sh); CIFAR/Tiny teachers: not published (official issue #7 for CIFAR); digits: our "
-        "choice. The source of each value is the comment beside it in PRESETS/DEFAULTS in d4m.py."))
+        "choice. The source of each value is the comment beside it in PRESETS/DEFAULTS in d4m.py."),
+        citations="D4M:path:line is suduo94/D4M@da35d10:path:line (the official code), VLCP: "
+                  "zou-yawen/Dataset-Distillation-via-Vision-Language-Category-Prototype@d0060eb4")
     args = p.parse_args(argv)
     common.apply_presets(args, PRESETS, DEFAULTS)
     common.eval_on(args)

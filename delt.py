@@ -98,7 +98,7 @@ def build_parser():
     g.add_argument("--eval-repeats", type=int, default=None,
                    help="students on the set and on random real images (default: 3 on digits, else DELT's 3 seeds)")
     g = p.add_argument_group("teacher")
-    g.add_argument("--teacher", default=None, help="teacher architecture (common.ARCHS); ranks and recovers")
+    g.add_argument("--teacher", default=None, help=f"teacher architecture ({', '.join(common.ARCHS)}); ranks and recovers")
     g.add_argument("--teacher-path", default=None, help="teacher checkpoint (RDED/torchvision formats)")
     g.add_argument("--norm", default=None, choices=("auto", "dataset", "imagenet"),
                    help="input normalisation of the teacher; auto: what the checkpoint expects (RDED's ConvNet "
@@ -132,7 +132,9 @@ def build_parser():
     return common.document_defaults(p, PRESETS, DEFAULTS, (
         "ImageNet-1K from VILA-Lab/DELT@f2f81ca:scripts/resnet18_imagenet1k_synthesis.sh; the official code "
         "publishes no other dataset, which takes the ImageNet-1K values (our choice); digits: our choice, a "
-        "few CPU minutes. The source of each value is the comment beside it in PRESETS in delt.py."))
+        "few CPU minutes. The source of each value is the comment beside it in PRESETS in delt.py."),
+        citations="D:path is VILA-Lab/DELT@f2f81ca:path (the official code), S: VILA-Lab/SRe2L@8d00cba, "
+                  "R: LINs-lab/RDED@3f6453d")
 
 
 # ------------------------------------------------------------------------------------------------

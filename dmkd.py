@@ -156,7 +156,8 @@ def parse_args(argv=None):
     common.document_defaults(p, PRESETS, DEFAULTS, (
         "ImageNet from zhengli97/DM-KD@bbab9ce (AIGC_generate.py, scripts/imagenet_distill.sh); CIFAR from its "
         "train_student.py argparse defaults; other datasets and digits: not published, our choice. The "
-        "source of each value is the comment beside it in PRESETS in dmkd.py."))
+        "source of each value is the comment beside it in PRESETS in dmkd.py."),
+        citations="DMKD:path is zhengli97/DM-KD@bbab9ce:path (the official code); Sec. x.y is the paper's section")
     args = p.parse_args(argv)
     lr_given = args.lr is not None
     common.apply_presets(args, PRESETS, DEFAULTS)

@@ -90,7 +90,7 @@ def build_parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_generic_args(p, ipc=10, out="runs/infer_ufc_<dataset>_ipc<ipc>")
     g = p.add_argument_group("teachers (UFC:ufc_generation/ufc_cifar.py:136-185)")
-    g.add_argument("--teacher", default=None, help="comma list of the M teacher architectures (common.ARCHS)")
+    g.add_argument("--teacher", default=None, help=f"comma list of the M teacher architectures (of {', '.join(common.ARCHS)})")
     g.add_argument("--teacher-path", default=None, help="comma list of teacher checkpoints, one per --teacher")
     g.add_argument("--teacher-norm", default=None, choices=("dataset", "infer"),
                    help="normalisation the teachers expect: common.py's or INFER's own CIFAR-100 statistics")
@@ -125,7 +125,9 @@ def build_parser():
     return common.document_defaults(p, PRESETS, DEFAULTS, (
         "CIFAR-10/100 from zhangxin-xd/UFC@83d19f8:sh/ufc_cifar.sh and ufc_generation/ufc_cifar.py, ImageNet "
         "from the UFC README and ufc_generation/ufc_imgnet.py; Tiny and digits: not published, our choice. "
-        "The source of each value is the comment beside it in PRESETS in infer_ufc.py."))
+        "The source of each value is the comment beside it in PRESETS in infer_ufc.py."),
+        citations="UFC:path:line is zhangxin-xd/UFC@83d19f8:path:line (the official code), DWA: "
+                  "AngusDujw/Diversity-Driven-Synthesis@c5b125f")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -168,7 +168,10 @@ def build_parser():
                    help="dataset of the set (default: the one in the set's run.json, else digits)")
     g.add_argument("--data-path", default=None, help="real dataset root (its val split is the test set)")
     g.add_argument("--protocol", default=None, choices=list(PROTOCOLS),
-                   help="label protocol (see the header; default: the set's method's, else rded)")
+                   help="label protocol: rded = teacher soft labels online on each augmented batch (RDED, DELT, VLCP); "
+                        "fkd = soft labels stored per epoch and batch, replayed (D4M, SRe2L); static = one soft label "
+                        "per image (INFER); hard = class labels with cutmix (Minimax). Default: the set's method's, "
+                        "else rded")
     g.add_argument("--preset", default="auto", choices=("auto", "none", *METHOD_PRESETS),
                    help="whose official evaluation to apply: auto = the method named in the set's run.json; "
                         "none = the protocol's generic recipe. Explicit flags beat it")
@@ -199,7 +202,7 @@ def build_parser():
                         "SET (optimistic: selection on the test data); applies to the set, the random subsets and the "
                         "hard-label runs; the winners are recorded" % ", ".join(map(str, LR_GRID)))
     g = p.add_argument_group("models")
-    g.add_argument("--student", default=None, help="student architecture (common.ARCHS)")
+    g.add_argument("--student", default=None, help=f"student architecture ({', '.join(common.ARCHS)})")
     g.add_argument("--teacher", default=None, help="teacher architecture; a comma list is an ensemble")
     g.add_argument("--teacher-path", default=None, help="teacher checkpoint(s), comma list matching --teacher")
     g.add_argument("--norm", default=None, choices=("dataset", "imagenet"),
@@ -247,7 +250,10 @@ def build_parser():
         "from zhangxin-xd/UFC@83d19f8:val_static.py, hard from zou-yawen/Dataset-Distillation-via-Vision-"
         "Language-Category-Prototype@d0060eb4:04_evaluation/Minimax/train.py; per-dataset changes in "
         "DATASET_PRESETS (digits: our choice, about a minute per student on 2 CPU cores). A flag given "
-        "explicitly beats the recipe."))
+        "explicitly beats the recipe."),
+        citations="X:path is that repository's file at the commit read: D = VILA-Lab/DELT@f2f81ca, R = "
+                  "LINs-lab/RDED@3f6453d, S = VILA-Lab/SRe2L@8d00cba, D4M = suduo94/D4M@da35d10, UFC = "
+                  "zhangxin-xd/UFC@83d19f8, VLCP = zou-yawen/Dataset-Distillation-via-Vision-Language-Category-Prototype@d0060eb4")
 
 
 def set_record(folder):

@@ -156,7 +156,8 @@ def parse_args(argv=None):
         "from the run_*.sh scripts of zou-yawen/Dataset-Distillation-via-Vision-Language-Category-Prototype@d0060eb4 "
         "(CIFAR-10: run_cifar10.sh, ImageNette: run_nette.sh, ImageNet-1K: its evaluation folder names); "
         "Woof/ImageNet-100/Tiny/digits: not published, our choice. The source of each value is the comment "
-        "beside it in PRESETS in vlcp.py."))
+        "beside it in PRESETS in vlcp.py."),
+        citations="VLCP:path is zou-yawen/Dataset-Distillation-via-Vision-Language-Category-Prototype@d0060eb4:path (the official code); Sec. x.y is the paper's section")
     args = common.apply_presets(p.parse_args(argv), PRESETS, DEFAULTS)
     common.eval_on(args)
     args.out = args.out or os.path.join("runs", f"vlcp_{args.dataset}_ipc{args.ipc}")
