@@ -1618,8 +1618,41 @@ def document_defaults(p, presets=None, defaults=None, sources="", citations=""):
     return p
 
 
+# diffusers' log lines that say nothing to a user of these scripts (silenced at hub_from_pretrained, and only these):
+# DiT's model_index.json stores id2label with string keys (JSON), which DiTPipeline converts itself
+NOISE = {"diffusers.pipelines.pipeline_utils": ("Expected types for id2label:",)}
+
+
+class _DropNoise:
+    """A logging filter that drops the records of one logger that start with the given texts."""
+
+    def __init__(self, starts):
+        self.starts = starts
+
+    def filter(self, record):
+        return not str(record.getMessage()).startswith(self.starts)
+
+
+def _quiet_diffusers():
+    import logging
+    for name, starts in NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNoise) for f in logger.filters):
+            logger.addFilter(_DropNoise(starts))
+
+
 def hub_from_pretrained(cls, name, flag, **kwargs):
-    """`cls.from_pretrained(name)`; offline without a local copy becomes one sentence naming `flag`."""
+    """`cls.from_pretrained(name)`; offline without a local copy becomes one sentence naming `flag`.
+    Without `accelerate` (not a dependency), diffusers models load with low_cpu_mem_usage=False instead of
+    warning that they fall back to it; a pipeline named by hub id is looked up first (hub_check), so an
+    offline miss is our sentence, not diffusers' "Couldn't connect to the Hub" lines before it."""
+    if cls.__module__.startswith("diffusers"):
+        import importlib.util
+        _quiet_diffusers()
+        if importlib.util.find_spec("accelerate") is None:
+            kwargs.setdefault("low_cpu_mem_usage", False)
+        if getattr(cls, "config_name", None) == "model_index.json" and not os.path.isdir(name):
+            hub_check(name, flag, "model_index.json")
     try:
         return cls.from_pretrained(name, **kwargs)
     except (OSError, ValueError, EnvironmentError) as e:

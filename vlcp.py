@@ -302,9 +302,9 @@ def finetune_unet(model, ds, indices, texts, out_dir, args, d, settings):
     dev = d.device
     cuda = str(dev).startswith("cuda")
     amp = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision) if cuda else None
-    load = lambda cls, sub: common.hub_from_pretrained(cls, model, "--model", subfolder=sub)  # noqa: E731
+    load = lambda cls, sub, **kw: common.hub_from_pretrained(cls, model, "--model", subfolder=sub, **kw)  # noqa: E731
     tokenizer, noise_scheduler = load(CLIPTokenizer, "tokenizer"), load(DDPMScheduler, "scheduler")
-    vae = load(AutoencoderKL, "vae").to(dev, amp or torch.float32).requires_grad_(False)
+    vae = load(AutoencoderKL, "vae", dtype=amp or torch.float32).to(dev).requires_grad_(False)  # dtype at load: no cast warning
     text_encoder = load(CLIPTextModel, "text_encoder").to(dev, amp or torch.float32).requires_grad_(False)
     unet = load(UNet2DConditionModel, "unet").to(dev).train()
     if cuda:
