@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import run_script
+from conftest import run_script, unexpected_stderr
 
 import common
 
@@ -24,7 +24,7 @@ def d4m_run(tiny_sd, tmp_path_factory):
     out, latents = str(tmp / "set"), str(tmp / "latents")
     proc = run_script("d4m.py", "--model", tiny_sd, "--out", out, "--save-latents", latents, *ARGS,
                       "--eval", "--eval-epochs", "1")
-    return {"out": out, "latents": latents, "stdout": proc.stdout, "model": tiny_sd}
+    return {"out": out, "latents": latents, "stdout": proc.stdout, "stderr": proc.stderr, "model": tiny_sd}
 
 
 def test_on_disk_contract(d4m_run):
@@ -44,6 +44,7 @@ def test_on_disk_contract(d4m_run):
     # image 2 reuses prototype 0 with new noise: same start, different picture
     assert not torch.equal(images[0], images[2])
     assert "images: 30 at 32 px" in d4m_run["stdout"]
+    assert not unexpected_stderr(d4m_run["stderr"])  # no diffusers/accelerate notes, only progress bars
     closing = d4m_run["stdout"].splitlines()[-1]  # common.closing_line; fkd replay of the stored TTM labels
     assert closing.startswith(f"d4m: digits IPC 3 -> {out} | top-1 distilled ") and " vs random real " in closing
     assert "| protocol fkd (fkd labels), preset d4m |" in closing

@@ -14,7 +14,7 @@ import torch
 
 import common
 import delt
-from conftest import ROOT, run_script, script_env
+from conftest import ROOT, run_script, script_env, unexpected_stderr
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = ["--ipc", "2", "--iterations", "20", "--round-itr", "10", "--batch-size", "4", "--no-eval"]
@@ -115,6 +115,7 @@ def one_proc(tmp_path_factory):
 
 def test_contract_bn_loss_and_early_late_effect(one_proc):
     out, proc = one_proc
+    assert not unexpected_stderr(proc.stderr)
     closing = proc.stdout.splitlines()[-1]  # common.closing_line: one shape in every script
     assert closing.startswith(f"delt: digits IPC 2 -> {out} | top-1 not evaluated (--no-eval) | reused from cache: ")
     classes = json.load(open(out / "classes.json"))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_script
+from conftest import run_script, unexpected_stderr
 
 import common
 import dmkd
@@ -27,6 +27,7 @@ def test_synthesis_both_stages_counts_resolution_resume(tiny_dit, tmp_path, caps
            "--epochs", "1", "--eval-every", "1", "--workers", "0", "--device", "cpu", "--out", out]
     proc = run_script(*cmd)
     assert "KD result: 30 images -> student conv3" in proc.stdout
+    assert not unexpected_stderr(proc.stderr)  # no accelerate or id2label notes, only progress bars
     assert proc.stdout.splitlines()[-1].startswith(f"dmkd: digits IPC 3 -> {out} | top-1 not evaluated (--no-eval) | ")
     dirs = sorted(p for p in os.listdir(out) if p.isdigit())
     assert dirs == [f"{c:05d}" for c in range(10)]

@@ -11,7 +11,7 @@ import torch
 
 import common
 import vlcp
-from conftest import run_script
+from conftest import run_script, unexpected_stderr
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only cost on a shared box
 
@@ -233,6 +233,7 @@ def test_cli_digits_end_to_end_and_resume(tiny_sd, tiny_llava, tmp_path, monkeyp
     argv = [*_argv(out, tiny_sd, tiny_llava), "--caption-batch-size", "1"]
     proc = run_script("vlcp.py", *argv, env={"DD_CACHE": cache})
     assert "images: 20 at 32 px; " in proc.stdout
+    assert not unexpected_stderr(proc.stderr)  # no accelerate / float32-cast notes from diffusers, only progress bars
     assert proc.stdout.strip().splitlines()[-1] == (f"vlcp: digits IPC 2 -> {out} | top-1 not evaluated (--no-eval) | "
                                                    f"reused from cache: nothing")  # common.closing_line
     classes = common.class_list("digits")
