@@ -1497,10 +1497,13 @@ def save_images(images, paths):
 
 
 def save_preview(out, classes=10, per_class=8):
-    """preview.png: the first images of the first classes, one row per class, upscaled to >= 64 px."""
+    """preview.png: the first images of the first classes, one row per class, upscaled to >= 64 px; as
+    many columns as the fullest of those classes has images (up to per_class), so IPC 1 is one column."""
     from PIL import Image
     rows = []
-    for d in sorted(n for n in os.listdir(out) if RunDir._is_class_dir(n))[:classes]:
+    dirs = sorted(n for n in os.listdir(out) if RunDir._is_class_dir(n))[:classes]
+    per_class = min(per_class, max((len(os.listdir(os.path.join(out, d))) for d in dirs), default=0))
+    for d in dirs:
         files = sorted(os.listdir(os.path.join(out, d)))[:per_class]
         rows += [to_tensor()(Image.open(os.path.join(out, d, f)).convert("RGB")) for f in files]
         rows += [torch.zeros_like(rows[-1])] * (per_class - len(files)) if files else []

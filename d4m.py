@@ -16,7 +16,8 @@ Runs (the digits run needs no download: it uses a tiny random SD folder, so its 
   uv run python -m tests.tiny_models /tmp/tiny --only sd
   uv run python d4m.py --model /tmp/tiny/sd --size 64 --steps 4 --ttm-epochs 2 --eval --eval-epochs 2
       -> writes runs/d4m_digits_ipc10 (10 classes x 10 PNGs at 32 px, prototypes.pt, fkd_*.pt) and prints
-         "d4m digits ipc10: 100 images ... eval fkd top-1 ..." (the students learn little from noise)
+         "d4m: digits IPC 10 -> runs/d4m_digits_ipc10 | top-1 distilled ... vs random real ... | ..." (the students
+         learn little from noise)
   uv run python d4m.py --dataset imagenet --data-path $IMAGENET --ipc 10 --eval --eval-student resnet18
       -> the paper's ImageNet-1K IPC10 setting (SD v1.5, km_expand 1, 50 PNDM steps, 224 px, ResNet-18 TTM)
   uv run torchrun --nproc_per_node 8 d4m.py --dataset imagenet --data-path $IMAGENET --ipc 50

@@ -12,10 +12,11 @@ computed online (KL * T^2), and reports its top-1 on the real validation set.
     # digits (the embedded data set), both stages, with a local DiT folder (`uv run python -m tests.tiny_models
     # /tmp/tiny` makes a random one whose images are noise: the student stays at chance; a real one works the same)
     uv run python dmkd.py --model /tmp/tiny/dit --steps 4 --out runs/dmkd_digits
-    #   -> "dmkd digits: 200 images -> student conv3 top-1 best 9.72 last 9.72 (teacher conv3 98.61)"
+    #   -> "KD result: 200 images -> student conv3 top-1 best 9.72 last 9.72 (teacher conv3 98.61)", then the
+    #      validate_fkd evaluation (3 students on the set, 3 on random real) and "dmkd: digits IPC 20 -> ..."
     # digits KD through any image folder: 200 blends of two training digits in arbitrary folders
     uv run python dmkd.py --syn-data-path runs/digit_blends --out runs/dmkd_digits_blends
-    #   -> "dmkd digits: 200 images -> student conv3 top-1 best 97.22 last 96.94 (teacher conv3 98.61)"
+    #   -> "KD result: 200 images -> student conv3 top-1 best 97.22 last 96.94 (teacher conv3 98.61)"
     # ImageNet-1K, the released setting (200 images/class, s=2, T=100; RN-18 -> RN-18, 100 epochs)
     uv run torchrun --nproc_per_node 8 dmkd.py --dataset imagenet --data-path $IMAGENET --ipc 200 --fidelity low \
         --out runs/dmkd_imagenet_200k

@@ -21,9 +21,10 @@ files) and the teachers' mean logits per image (soft_labels.pt) for static label
       ckpt/r18.pth,ckpt/mbv2.pth,ckpt/effb0.pth,ckpt/shuffle.pth --eval
   uv run torchrun --nproc_per_node 8 infer_ufc.py --dataset imagenet --data-path /data/imagenet --ipc 50
 
-The digits run prints the budget arithmetic, one line per UFC (loss first -> last), and ends with
-"infer_ufc: digits IPC 10 -> K=7, 28 files/class, 280 images, 21 UFCs (91/100 image-equivalents);
-loss 15.964 -> 2.677; UFC stage ...s; compact 337 KB vs written 516 KB -> runs/infer_ufc_digits_ipc10".
+The digits run prints the budget arithmetic, one line per UFC (loss first -> last), "UFCs: IPC 10 -> K=7,
+28 files/class, 280 images, 21 UFCs (91/100 image-equivalents); ...", evaluates 3 students on the set and 3
+on random real images at IPC 10 (static labels) and ends with the closing line of every script,
+"infer_ufc: digits IPC 10 -> runs/infer_ufc_digits_ipc10 | top-1 distilled ... vs random real ... | ...".
 
 Deliberate deviations from the official code (each one a bug or a trap of the official code; docs/infer_ufc.md):
 - one script for every dataset; the teachers are loaded once, not reloaded for every ipc_id (UFC:ufc_generation/ufc_cifar.py);

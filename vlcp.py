@@ -20,7 +20,7 @@ whose images are noise; real folders or hub ids give the real method):
       --captioner /tmp/tiny/llava --max-per-class 20 --size 64 --ft-res 32 --caption-max-tokens 8 \
       --finetune-epochs 1 --ft-batch-size 4 --grad-accum 1 --ft-max-steps 2 --steps 4
     prints one line per stage and ends with
-    "vlcp digits ipc10: 100 images (32 px) in runs/vlcp_digits; ..."
+    "vlcp: digits IPC 10 -> runs/vlcp_digits | top-1 distilled ... vs random real ... | ..."
   uv run torchrun --nproc_per_node 8 vlcp.py --dataset imagenette --data-path $NETTE --ipc 10 \
       --out runs/vlcp_nette_ipc10 --captions runs/nette/captions.jsonl --finetuned runs/nette/sd --eval
   uv run python vlcp.py --dataset imagenet --data-path $IMNET --ipc 10 --out runs/vlcp_in1k_ipc10 \

@@ -235,3 +235,8 @@ def test_refuses_a_folder_holding_a_different_run(one_proc, tmp_path):
     with pytest.raises(common.UserError, match="holds a different run"):
         delt.main(["--out", str(out), *SMALL, "--lr", "0.05"])
     assert {f: os.stat(out / f).st_mtime_ns for f in before} == before
+    # refused before the teacher is trained: with an empty $DD_CACHE nothing is trained or cached
+    cache = tmp_path / "empty_cache"
+    proc = run_script("delt.py", "--out", out, *SMALL, "--lr", "0.05", check=False, env={"DD_CACHE": str(cache)})
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: {out} holds a different run")
+    assert proc.stdout == "" and not cache.exists()
