@@ -272,7 +272,8 @@ def main(argv=None):
     if not 0 < args.strength <= 1:
         raise common.UserError(f"--strength must be in (0, 1], not {args.strength}")
     if args.eval and args.eval_protocol == "fkd" and args.ttm_epochs < 1:
-        raise common.UserError("--eval-protocol fkd replays stored TTM labels: set --ttm-epochs to at least 1")
+        raise common.UserError("--eval-protocol fkd (the default evaluation, on by default for digits) replays stored "
+                               "TTM labels: set --ttm-epochs to at least 1, or pass --eval-protocol rded or --no-eval")
     if args.eval and args.eval_protocol == "fkd" and args.eval_epochs and args.eval_epochs > args.ttm_epochs:
         raise common.UserError(f"--eval-epochs {args.eval_epochs} exceeds the {args.ttm_epochs} stored TTM epochs")
     d = common.dist_setup(args.device)
