@@ -90,7 +90,7 @@ DEFAULTS = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + "\n\nDigits needs a generator: its time is the generator's (README 'How long it takes').", formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_generic_args(p, ipc=10, out="runs/d4m_<dataset>_ipc<ipc>")
     g = p.add_argument_group("generator (Stable Diffusion, D4M:distillation/gen_prototype.py:L123)")
     g.add_argument("--model", default="stable-diffusion-v1-5/stable-diffusion-v1-5",

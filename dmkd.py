@@ -104,7 +104,7 @@ KD_FLAGS = ("stage", "syn_data_path", "teacher", "teacher_path", "student", "epo
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0] + "\n\nDigits needs a generator: its time is the generator's (README 'How long it takes').",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_generic_args(p, ipc=None, out="runs/dmkd_<dataset> (--syn-data-path: that folder)")
     g = p.add_argument_group("synthesis (Sec. 3.1, AIGC_generate.py)")

@@ -87,7 +87,9 @@ DEFAULTS = dict(first_bn_multiplier=10.0, r_var=1.0, dwa_steps=0, rho=0.0, teach
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + "\n\nWith no flags (digits, IPC 10) and a fresh "
+                                "cache it first trains the conv3, conv4 and conv5 teachers, then 21 UFCs and 3 + 3 "
+                                "students: many minutes on 2 CPU cores (README 'How long it takes').",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_generic_args(p, ipc=10, out="runs/infer_ufc_<dataset>_ipc<ipc>")
     g = p.add_argument_group("teachers (UFC:ufc_generation/ufc_cifar.py:136-185)")

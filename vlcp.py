@@ -93,7 +93,7 @@ SYSTEM = ("A chat between a curious human and an artificial intelligence assista
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0] + "\n\nDigits needs a generator: its time is the generator's (README 'How long it takes').", formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_generic_args(p, ipc=10, out="runs/vlcp_<dataset>_ipc<ipc>")
     g = p.add_argument_group("models")
     g.add_argument("--model", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
