@@ -172,6 +172,11 @@ def _expect_error(args, match):
     assert match in sentence and "\n" not in sentence, sentence
 
 
+def test_a_missing_set_is_refused_before_any_output(tmp_path, capsys):
+    _expect_error(["--syn-data-path", str(tmp_path / "nope")], f"the set {tmp_path / 'nope'} does not exist")
+    assert capsys.readouterr().out == ""  # not even the preset line
+
+
 def test_bad_sets_are_refused(digits_set, tmp_path):
     bad = str(tmp_path / "bad")
     shutil.copytree(digits_set, bad)
