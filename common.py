@@ -275,10 +275,20 @@ def _cifar(dataset, data_path, train):
     if not data_path:
         raise UserError(f"--data-path is required for {dataset}: torchvision downloads it there")
     cls = torchvision.datasets.CIFAR10 if dataset == "cifar10" else torchvision.datasets.CIFAR100
+    place = (f"place {cls.base_folder}/ (the extracted {cls.filename}) or {cls.filename} itself in "
+             f"{os.path.abspath(data_path)}")
+    if not os.path.isdir(data_path):  # checked before download=True, which would create the folder
+        raise UserError(f"--data-path {data_path} does not exist: create it (torchvision downloads {dataset} there "
+                        f"when online) or, offline, {place}")
+    try:
+        return cls(data_path, train=train, download=False)
+    except RuntimeError:  # not there yet: download (online)
+        pass
     try:
         return cls(data_path, train=train, download=True)
     except Exception as e:  # no network and no local copy
-        raise UserError(f"cannot load {dataset} from {data_path} ({e.__class__.__name__}: {e})") from e
+        raise UserError(f"cannot load {dataset} from {data_path} ({e.__class__.__name__}: {str(e)[:120]}); "
+                        f"offline, {place}") from e
 
 
 _DIGITS = {}
@@ -1556,6 +1566,28 @@ class RunDir:
     def _is_class_dir(name):
         return len(name) == 5 and name.isdigit()
 
+    @classmethod
+    def precheck(cls, out, args, overwrite=False, ignore=()):
+        """The refusals of __init__ (a different run, class folders without a record, a damaged record),
+        made before any training, download or model load; reads only, creates nothing."""
+        if overwrite or not os.path.isdir(out):
+            return
+        probe = cls.__new__(cls)
+        probe.out, probe.record_path = out, os.path.join(out, "run.json")
+        old = probe._read_record()
+        identity = json.loads(json.dumps({k: v for k, v in sorted(vars(args).items())
+                                          if k not in VOLATILE_ARGS and k not in ignore}))
+        if old is not None and old.get("identity") != identity:
+            if old.get("status") == "running" and not old.get("stages") and probe._holds_no_work():
+                return  # an unfinished start that did no work: replaced
+            diff = sorted(k for k in set(old.get("identity", {})) | set(identity)
+                          if old.get("identity", {}).get(k) != identity.get(k))
+            raise UserError(f"{out} holds a different run (differs in {', '.join(diff[:5]) or 'its record'}); "
+                            f"pass --overwrite to replace it or choose another --out")
+        if old is None and any(cls._is_class_dir(e) for e in os.listdir(out)):
+            raise UserError(f"{out} holds class folders but no run record; pass --overwrite to replace them "
+                            f"or choose another --out")
+
     def _read_record(self, overwrite=False):
         if not os.path.isfile(self.record_path):
             return None
@@ -1742,10 +1774,13 @@ def save_images(images, paths):
 
 
 def save_preview(out, classes=10, per_class=8):
-    """preview.png: the first images of the first classes, one row per class, upscaled to >= 64 px."""
+    """preview.png: the first images of the first classes, one row per class, upscaled to >= 64 px; as
+    many columns as the fullest of those classes has images (up to per_class), so IPC 1 is one column."""
     from PIL import Image
     rows = []
-    for d in sorted(n for n in os.listdir(out) if RunDir._is_class_dir(n))[:classes]:
+    dirs = sorted(n for n in os.listdir(out) if RunDir._is_class_dir(n))[:classes]
+    per_class = min(per_class, max((len(os.listdir(os.path.join(out, d))) for d in dirs), default=0))
+    for d in dirs:
         files = sorted(os.listdir(os.path.join(out, d)))[:per_class]
         rows += [to_tensor()(Image.open(os.path.join(out, d, f)).convert("RGB")) for f in files]
         rows += [torch.zeros_like(rows[-1])] * (per_class - len(files)) if files else []
@@ -1757,20 +1792,78 @@ def save_preview(out, classes=10, per_class=8):
 
 
 def add_generic_args(parser, ipc=10, out=None):
-    """The generic flag group every script shares (each script adds its own groups after it)."""
+    """The generic flag group every script shares (each script adds its own groups after it). `out`: the
+    rule of the default output folder, shown in --help (the script fills it in)."""
     g = parser.add_argument_group("generic")
     g.add_argument("--dataset", default="digits", choices=list(DATASETS), help="dataset (the table in README.md 'Datasets')")
-    g.add_argument("--data-path", default=None, help="dataset root: train/ and val/ folders, or the CIFAR download folder")
+    g.add_argument("--data-path", default=None,
+                   help="dataset root, required for every dataset but digits: train/ and val/ class folders (tiny, "
+                        "imagenet*), or the folder holding cifar-10-batches-py/ or cifar-100-python/ (downloaded "
+                        "there when online)")
     g.add_argument("--ipc", type=int, default=ipc, help="images per class of the distilled set")
-    g.add_argument("--out", default=out, help="output folder of the distilled set (the on-disk contract)")
+    g.add_argument("--out", default=None, help="output folder of the distilled set (the on-disk contract)"
+                   + (f"; default: {out}" if out else ""))
     g.add_argument("--seed", type=int, default=0, help="seeds python, numpy and torch")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes")
     g.add_argument("--format", default="png", choices=("png", "jpg"),
                    help="png: lossless, rounded; jpg: the official saving (JPEG quality 75 of truncated pixels)")
     g.add_argument("--overwrite", action="store_true", help="replace an output folder that holds a different run")
-    g.add_argument("--eval", action="store_true", help="evaluate the distilled set with validate_fkd.py at the end")
+    g.add_argument("--eval", action="store_true", default=None,
+                   help="evaluate the distilled set with validate_fkd.py at the end: students on the set and on random "
+                        "real images at the same IPC (default: on for digits, off elsewhere, where it takes GPU hours)")
+    g.add_argument("--no-eval", dest="eval", action="store_false", help="skip the evaluation (also on digits)")
     return g
+
+
+def eval_on(args):
+    """--eval/--no-eval as given, else on for digits only (every script the same way)."""
+    if getattr(args, "eval", None) is None:
+        args.eval = args.dataset == "digits"
+    return args.eval
+
+
+DIGITS_EVAL_REPEATS = 3  # students per set and random-real baseline on digits: a mean ± std, not one draw
+
+
+def eval_repeats(args):
+    """--eval-repeats as given, else 3 on digits, else None (validate_fkd's preset: the method's official count)."""
+    return args.eval_repeats or (DIGITS_EVAL_REPEATS if args.dataset == "digits" else None)
+
+
+def teacher_cached(arch, dataset, path=None, seed=0):
+    """True when load_teacher will read a digits teacher trained earlier (for the closing line)."""
+    return (dataset == "digits" and not path and
+            os.path.isfile(os.path.join(cache_dir(), "teachers", f"digits_{arch}_seed{seed}_ep{DIGITS_TEACHER_EPOCHS}.pt")))
+
+
+def closing_line(method, dataset, ipc, where, result=None, reused=None):
+    """The last line of every script and of validate_fkd.py, one shape: method, dataset, IPC, where the
+    result is; the students' best top-1 on the distilled set beside random real images at the same IPC
+    (mean ± population std); the student budget (students, architecture, epochs, optimiser steps);
+    protocol and evaluation preset; what was reused from $DD_CACHE. `result`: validate_fkd.main's record."""
+    parts = [f"{method}: {dataset} IPC {ipc} -> {where}"]
+    if result is None:
+        parts.append("top-1 not evaluated (" + ("--no-eval)" if dataset == "digits" else "pass --eval)"))
+    else:
+        base = result.get("baseline")
+        only_random = result.get("kind") == "random real subsets"
+        acc = f"{result['best_mean']:.2f} ± {result['best_std']:.2f}"
+        if only_random:
+            parts.append(f"top-1 random real {acc}")
+        else:
+            parts.append(f"top-1 distilled {acc} vs " + (f"random real {base['best_mean']:.2f} ± {base['best_std']:.2f}"
+                                                         if base else "no random-real baseline (--baseline random)"))
+        steps = f"{result.get('steps', '?')} optimiser steps"
+        if base and base.get("steps") != result.get("steps"):
+            steps = f"{result.get('steps', '?')} (distilled) / {base.get('steps', '?')} (random real) optimiser steps"
+        n, epochs = result["repeats"], result.get("epochs", "?")
+        parts.append(f"{n} student{'s' * (n != 1)}{' each' if base else ''}: {result['student']}, {epochs} "
+                     f"epoch{'s' * (epochs != 1)} = {steps}")
+        parts.append(f"protocol {result['protocol']} ({result['label_mode']} labels), preset {result.get('preset') or 'none'}")
+    used = [k for k, v in (reused or {}).items() if v]
+    parts.append("reused from cache: " + (", ".join(used) if used else "nothing"))
+    return " | ".join(parts)
 
 
 def apply_presets(args, presets, defaults):
@@ -1782,10 +1875,11 @@ def apply_presets(args, presets, defaults):
     return args
 
 
-def document_defaults(p, presets=None, defaults=None, sources=""):
+def document_defaults(p, presets=None, defaults=None, sources="", citations=""):
     """Make `--help` a complete guide: every flag's help ends with its default; a flag filled from the
     per-dataset presets lists the value of each dataset that has one; `sources` (where the presets come
-    from, read the comment beside each value in the file for the exact line) goes to the epilog."""
+    from, read the comment beside each value in the file for the exact line) and `citations` (the key
+    of the short citations like D:path in the help texts) go to the epilog."""
     presets, defaults = presets or {}, defaults or {}
     for a in p._actions:
         if a.help in (None, argparse.SUPPRESS) or a.dest == "help" or "default" in a.help.lower():
@@ -1797,13 +1891,48 @@ def document_defaults(p, presets=None, defaults=None, sources=""):
             a.help += f" (preset: {text})".replace("%", "%%")
         elif isinstance(a, argparse._StoreAction) and a.default not in (None, argparse.SUPPRESS):
             a.help += " (default: %(default)s)"
+    if citations:
+        p.epilog = ((p.epilog + "\n\n") if p.epilog else "") + "citations: " + citations
     if sources:
         p.epilog = ((p.epilog + "\n\n") if p.epilog else "") + "presets: " + sources
     return p
 
 
+# diffusers' log lines that say nothing to a user of these scripts (silenced at hub_from_pretrained, and only these):
+# DiT's model_index.json stores id2label with string keys (JSON), which DiTPipeline converts itself
+NOISE = {"diffusers.pipelines.pipeline_utils": ("Expected types for id2label:",)}
+
+
+class _DropNoise:
+    """A logging filter that drops the records of one logger that start with the given texts."""
+
+    def __init__(self, starts):
+        self.starts = starts
+
+    def filter(self, record):
+        return not str(record.getMessage()).startswith(self.starts)
+
+
+def _quiet_diffusers():
+    import logging
+    for name, starts in NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNoise) for f in logger.filters):
+            logger.addFilter(_DropNoise(starts))
+
+
 def hub_from_pretrained(cls, name, flag, **kwargs):
-    """`cls.from_pretrained(name)`; offline without a local copy becomes one sentence naming `flag`."""
+    """`cls.from_pretrained(name)`; offline without a local copy becomes one sentence naming `flag`.
+    Without `accelerate` (not a dependency), diffusers models load with low_cpu_mem_usage=False instead of
+    warning that they fall back to it; a pipeline named by hub id is looked up first (hub_check), so an
+    offline miss is our sentence, not diffusers' "Couldn't connect to the Hub" lines before it."""
+    if cls.__module__.startswith("diffusers"):
+        import importlib.util
+        _quiet_diffusers()
+        if importlib.util.find_spec("accelerate") is None:
+            kwargs.setdefault("low_cpu_mem_usage", False)
+        if getattr(cls, "config_name", None) == "model_index.json" and not os.path.isdir(name):
+            hub_check(name, flag, "model_index.json")
     try:
         return cls.from_pretrained(name, **kwargs)
     except (OSError, ValueError, EnvironmentError) as e:

@@ -16,7 +16,8 @@ Runs (the digits run needs no download: it uses a tiny random SD folder, so its 
   uv run python -m tests.tiny_models /tmp/tiny --only sd
   uv run python d4m.py --model /tmp/tiny/sd --size 64 --steps 4 --ttm-epochs 2 --eval --eval-epochs 2
       -> writes runs/d4m_digits_ipc10 (10 classes x 10 PNGs at 32 px, prototypes.pt, fkd_*.pt) and prints
-         "d4m digits ipc10: 100 images ... eval fkd top-1 ..." (the students learn little from noise)
+         "d4m: digits IPC 10 -> runs/d4m_digits_ipc10 | top-1 distilled ... vs random real ... | ..." (the students
+         learn little from noise)
   uv run python d4m.py --dataset imagenet --data-path $IMAGENET --ipc 10 --eval --eval-student resnet18
       -> the paper's ImageNet-1K IPC10 setting (SD v1.5, km_expand 1, 50 PNDM steps, 224 px, ResNet-18 TTM)
   uv run torchrun --nproc_per_node 8 d4m.py --dataset imagenet --data-path $IMAGENET --ipc 50
@@ -89,8 +90,8 @@ DEFAULTS = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_generic_args(p, ipc=10)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + "\n\nDigits needs a generator: its time is the generator's (README 'How long it takes').", formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_generic_args(p, ipc=10, out="runs/d4m_<dataset>_ipc<ipc>")
     g = p.add_argument_group("generator (Stable Diffusion, D4M:distillation/gen_prototype.py:L123)")
     g.add_argument("--model", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
                    help="hub id or local folder of a Stable Diffusion v1.x checkpoint (diffusers layout)")
@@ -126,14 +127,18 @@ def parse_args(argv=None):
     g.add_argument("--ttm-batch-size", type=int, default=None, help="FKD batch size (the student replays the same batches)")
     g.add_argument("--eval-protocol", default="fkd", choices=("fkd", "rded"), help="fkd: replay the stored TTM labels; rded: online teacher")
     g.add_argument("--eval-epochs", type=int, default=None, help="student epochs (default: validate_fkd's, at most --ttm-epochs for fkd)")
-    g.add_argument("--eval-repeats", type=int, default=None, help="students trained (default: validate_fkd's)")
+    g.add_argument("--eval-repeats", type=int, default=None,
+                   help="students on the set and on random real images (default: 3 on digits, else validate_fkd's)")
     g.add_argument("--eval-student", default=None, help="student architecture (default: validate_fkd's)")
     common.document_defaults(p, PRESETS, DEFAULTS, (
         "ImageNet-1K from suduo94/D4M@da35d10 (distillation/gen_prototype_imgnt.sh, gen_syn_image_imgnt.sh, "
         "matching/matching.sh); CIFAR/Tiny teachers: not published (official issue #7 for CIFAR); digits: our "
-        "choice. The source of each value is the comment beside it in PRESETS/DEFAULTS in d4m.py."))
+        "choice. The source of each value is the comment beside it in PRESETS/DEFAULTS in d4m.py."),
+        citations="D4M:path:line is suduo94/D4M@da35d10:path:line (the official code), VLCP: "
+                  "zou-yawen/Dataset-Distillation-via-Vision-Language-Category-Prototype@d0060eb4")
     args = p.parse_args(argv)
     common.apply_presets(args, PRESETS, DEFAULTS)
+    common.eval_on(args)
     args.out = args.out or os.path.join("runs", f"d4m_{args.dataset}_ipc{args.ipc}")
     args.prototypes = args.prototypes or args.ipc
     return args
@@ -247,11 +252,12 @@ def run_validation(args):
             "--seed", str(args.seed), "--device", args.device, "--workers", str(args.workers),
             "--teacher", args.teacher]
     epochs = args.eval_epochs or (args.ttm_epochs if args.eval_protocol == "fkd" else None)  # fkd: <= stored epochs
-    for flag, value in (("--data-path", args.data_path), ("--teacher-path", args.teacher_path), ("--epochs", epochs), ("--repeats", args.eval_repeats),
-                        ("--student", args.eval_student)):
+    for flag, value in (("--data-path", args.data_path), ("--teacher-path", args.teacher_path), ("--epochs", epochs),
+                        ("--repeats", common.eval_repeats(args)), ("--student", args.eval_student)):
         if value is not None:
             argv += [flag, str(value)]
-    return validate_fkd.main(argv)
+    argv += ["--baseline", "random"] if args.dataset == "digits" else []  # random real at the same IPC, same protocol
+    return validate_fkd.main(argv, closing=False)
 
 
 def main(argv=None):
@@ -267,7 +273,8 @@ def main(argv=None):
     if not 0 < args.strength <= 1:
         raise common.UserError(f"--strength must be in (0, 1], not {args.strength}")
     if args.eval and args.eval_protocol == "fkd" and args.ttm_epochs < 1:
-        raise common.UserError("--eval-protocol fkd replays stored TTM labels: set --ttm-epochs to at least 1")
+        raise common.UserError("--eval-protocol fkd (the default evaluation, on by default for digits) replays stored "
+                               "TTM labels: set --ttm-epochs to at least 1, or pass --eval-protocol rded or --no-eval")
     if args.eval and args.eval_protocol == "fkd" and args.eval_epochs and args.eval_epochs > args.ttm_epochs:
         raise common.UserError(f"--eval-epochs {args.eval_epochs} exceeds the {args.ttm_epochs} stored TTM epochs")
     common.check_out_folder(args.out)
@@ -284,13 +291,16 @@ def main(argv=None):
         c = int(counts.argmin())
         raise common.UserError(f"class {c} ({classes[c]['name']}) has {int(counts[c])} training images, "
                                f"fewer than the {args.prototypes} prototypes asked for")
+    ignore = ("batch_size", "encode_batch_size", "save_latents", "latent_cache", "ttm_epochs", "eval_student")
+    common.RunDir.precheck(args.out, args, args.overwrite, ignore)  # before the generator is loaded
+    teacher_reused = common.teacher_cached(args.teacher, args.dataset, args.teacher_path)
     pipe = load_generator(args, d.device)
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     if args.size % factor:
         raise common.UserError(f"--size {args.size} must be a multiple of the VAE's factor {factor}")
     run = common.RunDir(args.out, args, classes, rank=d.rank, overwrite=args.overwrite,
                         extra_artefacts=("prototypes.pt", ".prototypes"),
-                        ignore=("batch_size", "encode_batch_size", "save_latents", "latent_cache", "ttm_epochs", "eval_student"))
+                        ignore=ignore)
     run.record.update({"prompts": prompts, "scheduler": type(pipe.scheduler).__name__, "out_size": out_size,
                        "latent_shape": [pipe.vae.config.latent_channels, args.size // factor, args.size // factor]})
     mine = common.shard(range(len(classes)), d.rank, d.world)
@@ -395,21 +405,20 @@ def main(argv=None):
         common.barrier()
 
     # --- stage 5: evaluation of the distilled set with validate_fkd.py (D4M:validate/train_FKD.sh) ---
-    summary = {}
+    summary, result = {}, None
     if args.eval:
         result = run_validation(args)
         summary["eval"] = {k: result.get(k) for k in ("protocol", "best_mean", "best_std", "last_mean", "last_std")}
     synth = run.record["stages"].get("synthesis", {})
     run.finish(device=d.device, images=len(classes) * args.ipc, **summary)
     if d.main:
-        line = (f"d4m {args.dataset} ipc{args.ipc}: {len(classes) * args.ipc} images at {out_size} px in {args.out}; "
-                f"synthesis {synth.get('images_per_s', 0):.2f} img/s")
+        line = (f"images: {len(classes) * args.ipc} at {out_size} px; synthesis {synth.get('images_per_s', 0):.2f} img/s")
         if args.ttm_epochs:
             line += f"; TTM labels for {args.ttm_epochs} epochs in {os.path.join(args.out, common.FKD_PREFIX + '*')}"
-        if args.eval:
-            e = summary["eval"]
-            line += f"; eval {e['protocol']} top-1 best {e['best_mean']:.2f} +- {e['best_std']:.2f}, last {e['last_mean']:.2f}"
         print(line)
+        latents = run.record.get("latent_cache") or {}
+        print(common.closing_line("d4m", args.dataset, args.ipc, args.out, result, {
+            "VAE latents": bool(latents.get("reused_classes")), "teacher": teacher_reused and bool(args.ttm_epochs)}))
 
 
 if __name__ == "__main__":

@@ -15,9 +15,10 @@ DELT's RandAugment (D:evaluation/argument.py).
 `--no-early-late --init noise` gives the CDA baseline from the same file (SRe2L: add
 `--milestone 0 --jitter 32`).
 
-  uv run python delt.py  # digits, IPC 10, conv3 teacher: ~2 CPU-minutes; prints the top-1 of the
-                        # distilled set and of random real images at the same IPC (rded protocol),
-                        # e.g. "top-1 distilled 96.30 ± 0.47 vs random real 95.46 ± 0.73" with --eval-repeats 3
+  uv run python delt.py  # digits, IPC 10, conv3 teacher; evaluates 3 students on the set and 3 on random
+                        # real images (DELT's protocol, 40 epochs = 80 steps each) and ends with
+                        # "delt: digits IPC 10 -> runs/delt_digits_ipc10 | top-1 distilled 96.02 ± 0.35 vs
+                        # random real 95.46 ± 0.47 | 3 students each: conv3, 40 epochs = 80 optimiser steps | ..."
   uv run python delt.py --dataset imagenet --data-path "$IMAGENET" --ipc 50 --eval   # the official IN-1K setting
   uv run torchrun --nproc_per_node 8 delt.py --dataset tiny --data-path "$TINY" --teacher-path tiny_rn18.pth --ipc 50
 
@@ -73,7 +74,6 @@ DEFAULTS = dict(
     selection="medium",        # D:data_selection.py, the "medium_prob" init of the scripts
     init="real",               # DELT initialises from the selected real images
     norm="auto",               # what the teacher checkpoint expects (common.resolve_norm), else the dataset's
-    eval=False,
 )
 PRESETS = {
     "imagenet": dict(teacher="resnet18"),             # torchvision IMAGENET1K_V1 (official)
@@ -85,22 +85,23 @@ PRESETS = {
     "cifar100": dict(teacher="resnet18_modified"),    # not published: RDED's CIFAR ResNet-18
     # not published: our choice so that `python delt.py` (IPC 10) recovers in under a CPU-minute and
     # evaluates itself; 10 rounds of 10 iterations keep the EarlyLate structure (1 image per round)
-    "digits": dict(teacher="conv3", iterations=100, round_itr=10, lr=0.1, r_bn=0.01, eval=True),
+    "digits": dict(teacher="conv3", iterations=100, round_itr=10, lr=0.1, r_bn=0.01),
 }
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + "\n\nWith no flags (digits, IPC 10): about 2.5 "
+                                "minutes on 2 idle CPU cores with a fresh cache (teacher 15 s, recover 20 s, 3 + 3 "
+                                "students of 40 epochs at 16-17 s each; README 'How long it takes').",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_generic_args(p, ipc=10)
-    p.set_defaults(eval=None)
+    common.add_generic_args(p, ipc=10, out="runs/delt_<dataset>_ipc<ipc>")
     g = p.add_argument_group("evaluation (validate_fkd.py, DELT's protocol D:evaluation/argument.py)")
-    g.add_argument("--no-eval", dest="eval", action="store_false", help="skip the evaluation (on by default for digits)")
     g.add_argument("--eval-student", default=None, help="student architecture (default: the teacher's)")
     g.add_argument("--eval-epochs", type=int, default=None, help="student epochs (default: validate_fkd's preset)")
-    g.add_argument("--eval-repeats", type=int, default=1, help="students per set (mean ± std when > 1)")
+    g.add_argument("--eval-repeats", type=int, default=None,
+                   help="students on the set and on random real images (default: 3 on digits, else DELT's 3 seeds)")
     g = p.add_argument_group("teacher")
-    g.add_argument("--teacher", default=None, help="teacher architecture (common.ARCHS); ranks and recovers")
+    g.add_argument("--teacher", default=None, help=f"teacher architecture ({', '.join(common.ARCHS)}); ranks and recovers")
     g.add_argument("--teacher-path", default=None, help="teacher checkpoint (RDED/torchvision formats)")
     g.add_argument("--norm", default=None, choices=("auto", "dataset", "imagenet"),
                    help="input normalisation of the teacher; auto: what the checkpoint expects (RDED's ConvNet "
@@ -135,7 +136,9 @@ def build_parser():
     return common.document_defaults(p, PRESETS, DEFAULTS, (
         "ImageNet-1K from VILA-Lab/DELT@f2f81ca:scripts/resnet18_imagenet1k_synthesis.sh; the official code "
         "publishes no other dataset, which takes the ImageNet-1K values (our choice); digits: our choice, a "
-        "few CPU minutes. The source of each value is the comment beside it in PRESETS in delt.py."))
+        "few CPU minutes. The source of each value is the comment beside it in PRESETS in delt.py."),
+        citations="D:path is VILA-Lab/DELT@f2f81ca:path (the official code), S: VILA-Lab/SRe2L@8d00cba, "
+                  "R: LINs-lab/RDED@3f6453d")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -480,6 +483,7 @@ def mean_of(values):
 # ------------------------------------------------------------------------------------------------
 def main(argv=None):
     args = common.apply_presets(build_parser().parse_args(argv), PRESETS, DEFAULTS)
+    common.eval_on(args)
     for flag, bad, rule in (("ipc", args.ipc < 1, ">= 1"), ("batch-size", args.batch_size < 1, ">= 1"),
                             ("iterations", args.iterations < 1, ">= 1"), ("lr", args.lr <= 0, "> 0"),
                             ("milestone", args.milestone < 0, ">= 0"), ("jitter", args.jitter < 0, ">= 0")):
@@ -495,6 +499,8 @@ def main(argv=None):
             os.path.dirname(os.path.abspath(args.ranking_file))):
         raise common.UserError(f"--ranking-file {args.ranking_file} does not exist and its folder does not either: "
                                f"give an existing CSV, or a path in an existing folder to write the ranking to")
+    ignore = ("eval_student", "eval_epochs", "eval_repeats", "cuda_graph")
+    common.RunDir.precheck(args.out, args, args.overwrite, ignore)  # before the teacher is trained or loaded
     d = common.dist_setup(args.device)
     args.precision = common.resolve_precision(args.precision, d.device)  # recorded (and resumed) as what runs
     common.seed_everything(args.seed)
@@ -515,6 +521,7 @@ def main(argv=None):
     # --- stage 0: squeeze = a pre-trained teacher (D:recover/models.py), trained/cached once for digits ---
     if not d.main:
         common.barrier()  # rank 0 trains/caches a digits teacher first
+    teacher_reused = common.teacher_cached(args.teacher, args.dataset, args.teacher_path)
     teacher = common.load_teacher(args.teacher, args.dataset, args.teacher_path, args.data_path, device=d.device)
     if d.main:
         common.barrier()
@@ -525,7 +532,7 @@ def main(argv=None):
     run = common.RunDir(args.out, args, classes, rank=d.rank, overwrite=args.overwrite,
                         extra_artefacts=("ranking.csv", "eval_rded.json",
                                          *(f"delt_stats_rank{r}.jsonl" for r in range(1024))),
-                        ignore=("eval_student", "eval_epochs", "eval_repeats", "cuda_graph"))
+                        ignore=ignore)
     run.record["normalisation"] = {"mean": list(mean), "std": list(std), "source": norm_source}
     if d.main:
         print(f"teacher inputs normalised with mean {mean} std {std} ({norm_source})")
@@ -685,14 +692,14 @@ def main(argv=None):
         student = args.eval_student or args.teacher
         cmd = ["--syn-data-path", args.out, "--dataset", args.dataset, "--protocol", "rded", "--ipc", str(args.ipc),
                "--teacher", args.teacher, "--student", student, "--mean", *map(str, mean), "--std", *map(str, std),
-               "--repeats", str(args.eval_repeats),
                "--rand-augment", "rand-m6-n2-mstd1.0", "--min-scale", "0.25", "--factor", "1",
                "--baseline", "random", "--seed", str(args.seed), "--device", args.device, "--precision", args.precision]
         cmd += ["--data-path", args.data_path] if args.data_path else []
         cmd += ["--teacher-path", args.teacher_path] if args.teacher_path else []
         cmd += ["--epochs", str(args.eval_epochs)] if args.eval_epochs else []
+        cmd += ["--repeats", str(common.eval_repeats(args))] if common.eval_repeats(args) else []
         t0 = time.time()
-        result = validate_fkd.main(cmd)
+        result = validate_fkd.main(cmd, closing=False, norm_source=f"{norm_source}, as in recover")
         if d.main:
             run.record["stages"]["evaluation"] = {"seconds": round(time.time() - t0, 3)}
             run.record["eval"] = {k: result[k] for k in ("protocol", "best_mean", "best_std", "last_mean", "last_std")}
@@ -701,18 +708,16 @@ def main(argv=None):
 
     if d.main:
         rd = run.record["delt"]
-        line = (f"delt: {args.dataset} ipc {args.ipc} -> {args.out} | recover {run.record['stages']['recover']['seconds']:.0f}s, "
+        line = (f"recover {run.record['stages']['recover']['seconds']:.0f}s, "
                 f"{rd['image_iterations']} image-its ({rd['image_iterations'] / (len(classes) * args.ipc * args.iterations):.1%} "
                 f"of all-at-T) | objective (CE + r_bn*BN) on the recover views {rd['objective_on_recover_views']['before']:.3f}"
                 f" -> {rd['objective_on_recover_views']['after']:.3f} | unaugmented BN loss {rd['bn_loss_before']:.3f} -> "
                 f"{rd['bn_loss_after']:.3f}")
         if rd["diversity"]["final_mean"] is not None:
             line += f" | diversity (cos, lower = more diverse) {rd['diversity']['initial_mean']:.3f} -> {rd['diversity']['final_mean']:.3f}"
-        if result is not None:
-            b = result["baseline"]
-            line += (f" | top-1 distilled {result['best_mean']:.2f} ± {result['best_std']:.2f} vs random real "
-                     f"{b['best_mean']:.2f} ± {b['best_std']:.2f}")
         print(line)
+        print(common.closing_line("delt", args.dataset, args.ipc, args.out, result, {
+            "teacher": teacher_reused, "ranking": run.record.get("ranking", {}).get("reused")}))
     return result
 
 

@@ -12,10 +12,11 @@ computed online (KL * T^2), and reports its top-1 on the real validation set.
     # digits (the embedded data set), both stages, with a local DiT folder (`uv run python -m tests.tiny_models
     # /tmp/tiny` makes a random one whose images are noise: the student stays at chance; a real one works the same)
     uv run python dmkd.py --model /tmp/tiny/dit --steps 4 --out runs/dmkd_digits
-    #   -> "dmkd digits: 200 images -> student conv3 top-1 best 9.72 last 9.72 (teacher conv3 98.61)"
+    #   -> "KD result: 200 images -> student conv3 top-1 best 9.72 last 9.72 (teacher conv3 98.61)", then the
+    #      validate_fkd evaluation (3 students on the set, 3 on random real) and "dmkd: digits IPC 20 -> ..."
     # digits KD through any image folder: 200 blends of two training digits in arbitrary folders
     uv run python dmkd.py --syn-data-path runs/digit_blends --out runs/dmkd_digits_blends
-    #   -> "dmkd digits: 200 images -> student conv3 top-1 best 97.22 last 96.94 (teacher conv3 98.61)"
+    #   -> "KD result: 200 images -> student conv3 top-1 best 97.22 last 96.94 (teacher conv3 98.61)"
     # ImageNet-1K, the released setting (200 images/class, s=2, T=100; RN-18 -> RN-18, 100 epochs)
     uv run torchrun --nproc_per_node 8 dmkd.py --dataset imagenet --data-path $IMAGENET --ipc 200 --fidelity low \
         --out runs/dmkd_imagenet_200k
@@ -109,9 +110,9 @@ KD_FLAGS = ("stage", "syn_data_path", "teacher", "teacher_path", "student", "epo
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    common.add_generic_args(p, ipc=None)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0] + "\n\nDigits needs a generator: its time is the generator's (README 'How long it takes').",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_generic_args(p, ipc=None, out="runs/dmkd_<dataset> (--syn-data-path: that folder)")
     g = p.add_argument_group("synthesis (Sec. 3.1, AIGC_generate.py)")
     g.add_argument("--images-per-class", dest="ipc", type=int, default=argparse.SUPPRESS,
                    help="alias of --ipc: synthetic images per class (official: 200)")
@@ -155,14 +156,19 @@ def parse_args(argv=None):
                    "(default: what the teacher checkpoint expects, else the dataset's; CIFAR-100 (0.5071, 0.4867, 0.4408))")
     k.add_argument("--std", type=float, nargs=3, default=None, help="input normalisation std (CIFAR-100: "
                    "(0.2675, 0.2565, 0.2761))")
-    k.add_argument("--eval-protocol", default="rded", help="validate_fkd protocol for --eval")
+    k.add_argument("--eval-protocol", default="rded", choices=("rded", "hard"),
+                   help="validate_fkd protocol for --eval (the collection's common yardstick beside DM-KD's own KD)")
+    k.add_argument("--eval-repeats", type=int, default=None,
+                   help="--eval: students on the set and on random real images (default: 3 on digits, else 1)")
     common.document_defaults(p, PRESETS, DEFAULTS, (
         "ImageNet from zhengli97/DM-KD@bbab9ce (AIGC_generate.py, scripts/imagenet_distill.sh); CIFAR from its "
         "train_student.py argparse defaults; other datasets and digits: not published, our choice. The "
-        "source of each value is the comment beside it in PRESETS in dmkd.py."))
+        "source of each value is the comment beside it in PRESETS in dmkd.py."),
+        citations="DMKD:path is zhengli97/DM-KD@bbab9ce:path (the official code); Sec. x.y is the paper's section")
     args = p.parse_args(argv)
     lr_given = args.lr is not None
     common.apply_presets(args, PRESETS, DEFAULTS)
+    common.eval_on(args)
     if not lr_given and args.dataset.startswith("cifar") and args.student in SMALL_LR_STUDENTS:
         args.lr = 0.02
     s, t = FIDELITY[args.fidelity]
@@ -384,10 +390,12 @@ def main(argv=None):
     common.seed_everything(args.seed)
     synth, distill = args.stage in ("all", "synthesize"), args.stage in ("all", "distill")
     common.check_out_folder(args.out)
+    teacher_reused = False
     resolution = args.resolution or info.size
 
     # everything that can fail on bad input fails here, before any output is touched
     if synth:
+        common.RunDir.precheck(args.out, args, args.overwrite, KD_FLAGS)  # before the generator or teacher loads
         ids = class_imagenet_ids(args.dataset, classes, args.class_map)
         pipe = load_dit(args.model, args.vae, args.scheduler, d.device)
         n_model = pipe.transformer.config.num_embeds_ada_norm
@@ -398,6 +406,7 @@ def main(argv=None):
         if common.input_size(args.dataset, args.teacher) != size:
             raise common.UserError(f"teacher {args.teacher} and student {args.student} see different input sizes on "
                                    f"{args.dataset}: pick a pair with the same resolution")
+        teacher_reused = common.teacher_cached(args.teacher, args.dataset, args.teacher_path, args.seed)
         teacher = common.load_teacher(args.teacher, args.dataset, args.teacher_path, args.data_path, args.seed, d.device)
         mean, std, norm_source = kd_norm(args)
         val_set = common.real_dataset(args.dataset, args.data_path, "val",
@@ -466,12 +475,13 @@ def main(argv=None):
                                  "mean": list(mean), "std": list(std), "normalisation": norm_source,
                                  "loss": "KL(p_t||p_s) batchmean * T^2, alpha 1, no CE"}}
             common.atomic_write_json(os.path.join(args.out, f"kd_{args.student}.json"), record)
-            print(f"dmkd {args.dataset}: {len(train_set)} images -> student {args.student} top-1 best "
+            print(f"KD result: {len(train_set)} images -> student {args.student} top-1 best "
                   f"{result['best']:.2f} last {result['last']:.2f} (teacher {args.teacher} {teacher_top1:.2f})")
 
     # --- optional: the collection's record of the set, by validate_fkd.py with DM-KD's preset: the same teacher,
     # normalisation and KD recipe as stage 2, written to <set>/eval_<protocol>.json like every method's ---
-    if args.eval and d.main:
+    result = None
+    if args.eval:  # every rank: validate_fkd trains with DDP under torchrun
         import validate_fkd
         folder = args.syn_data_path or args.out
         mean, std, _ = kd_norm(args)
@@ -487,7 +497,13 @@ def main(argv=None):
                      "--milestones", args.milestones, "--gamma", "0.1", "--temperature", str(args.temperature),
                      "--t-squared", "1", "--mix", args.aug, "--alpha", str(args.mix_alpha or 1.0), "--crop", args.crop,
                      "--min-scale", "0.08", "--factor", "1", "--flip", "1", "--eval-every", str(args.eval_every), "--eval-from", "0"]
-        validate_fkd.main(argv)
+        repeats = common.eval_repeats(args)
+        argv += ["--repeats", str(repeats)] if repeats else []
+        argv += ["--baseline", "random"] if args.dataset == "digits" else []
+        result = validate_fkd.main(argv, closing=False)
+    if d.main:
+        print(common.closing_line("dmkd", args.dataset, args.ipc, args.syn_data_path or args.out, result,
+                                  {"teacher": teacher_reused}))
 
 
 if __name__ == "__main__":

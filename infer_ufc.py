@@ -21,9 +21,10 @@ files) and the teachers' mean logits per image (soft_labels.pt) for static label
       ckpt/r18.pth,ckpt/mbv2.pth,ckpt/effb0.pth,ckpt/shuffle.pth --eval
   uv run torchrun --nproc_per_node 8 infer_ufc.py --dataset imagenet --data-path /data/imagenet --ipc 50
 
-The digits run prints the budget arithmetic, one line per UFC (loss first -> last), and ends with
-"infer_ufc: digits IPC 10 -> K=7, 28 files/class, 280 images, 21 UFCs (91/100 image-equivalents);
-loss 15.964 -> 2.677; UFC stage ...s; compact 337 KB vs written 516 KB -> runs/infer_ufc_digits_ipc10".
+The digits run prints the budget arithmetic, one line per UFC (loss first -> last), "UFCs: IPC 10 -> K=7,
+28 files/class, 280 images, 21 UFCs (91/100 image-equivalents); ...", evaluates 3 students on the set and 3
+on random real images at IPC 10 (static labels) and ends with the closing line of every script,
+"infer_ufc: digits IPC 10 -> runs/infer_ufc_digits_ipc10 | top-1 distilled ... vs random real ... | ...".
 
 Deliberate deviations from the official code (each one a bug or a trap of the official code; docs/infer_ufc.md):
 - one script for every dataset; the teachers are loaded once, not reloaded for every ipc_id (UFC:ufc_generation/ufc_cifar.py);
@@ -86,11 +87,13 @@ DEFAULTS = dict(first_bn_multiplier=10.0, r_var=1.0, dwa_steps=0, rho=0.0, teach
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + "\n\nWith no flags (digits, IPC 10) and a fresh "
+                                "cache it first trains the conv3, conv4 and conv5 teachers, then 21 UFCs and 3 + 3 "
+                                "students: many minutes on 2 CPU cores (README 'How long it takes').",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_generic_args(p, ipc=10)
+    common.add_generic_args(p, ipc=10, out="runs/infer_ufc_<dataset>_ipc<ipc>")
     g = p.add_argument_group("teachers (UFC:ufc_generation/ufc_cifar.py:136-185)")
-    g.add_argument("--teacher", default=None, help="comma list of the M teacher architectures (common.ARCHS)")
+    g.add_argument("--teacher", default=None, help=f"comma list of the M teacher architectures (of {', '.join(common.ARCHS)})")
     g.add_argument("--teacher-path", default=None, help="comma list of teacher checkpoints, one per --teacher")
     g.add_argument("--teacher-norm", default=None, choices=("dataset", "infer"),
                    help="normalisation the teachers expect: common.py's or INFER's own CIFAR-100 statistics")
@@ -117,13 +120,17 @@ def build_parser():
                         "ensemble online (UFC:ufc_validation/val_dyn.py:243-260)")
     g.add_argument("--eval-epochs", type=int, default=None,
                    help="student epochs (default: validate_fkd's static preset; /(M+1) for dynamic, UFC:ufc_validation/val_dyn.py:243-260)")
-    g.add_argument("--eval-repeats", type=int, default=1, help="students per set (mean ± std)")
-    g.add_argument("--baseline", default="none", choices=("none", "random"),
-                   help="also evaluate random real images at the nominal IPC (same image-equivalent budget)")
+    g.add_argument("--eval-repeats", type=int, default=None,
+                   help="students on the set and on random real images (default: 3 on digits, else validate_fkd's)")
+    g.add_argument("--baseline", default=None, choices=("none", "random"),
+                   help="also evaluate random real images at the nominal IPC (same image-equivalent budget; "
+                        "default: random on digits, none elsewhere)")
     return common.document_defaults(p, PRESETS, DEFAULTS, (
         "CIFAR-10/100 from zhangxin-xd/UFC@83d19f8:sh/ufc_cifar.sh and ufc_generation/ufc_cifar.py, ImageNet "
         "from the UFC README and ufc_generation/ufc_imgnet.py; Tiny and digits: not published, our choice. "
-        "The source of each value is the comment beside it in PRESETS in infer_ufc.py."))
+        "The source of each value is the comment beside it in PRESETS in infer_ufc.py."),
+        citations="UFC:path:line is zhangxin-xd/UFC@83d19f8:path:line (the official code), DWA: "
+                  "AngusDujw/Diversity-Driven-Synthesis@c5b125f")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,6 +336,8 @@ def main(argv=None):
     # --- stage 0: flags, presets and the budget (UFC:ufc_generation/ufc_cifar.py:198): every user error before any output ---
     args = build_parser().parse_args(argv)
     common.apply_presets(args, PRESETS, DEFAULTS)
+    common.eval_on(args)
+    args.baseline = args.baseline or ("random" if args.dataset == "digits" else "none")
     info = common.dataset_info(args.dataset)
     C = info.num_classes
     archs = args.teacher.split(",")
@@ -342,6 +351,8 @@ def main(argv=None):
                                f"= {b['K']} real sets; the smallest valid IPC is {b['smallest_ipc']}")
     K = b["K"]
     args.out = common.check_out_folder(args.out or os.path.join("runs", f"infer_ufc_{args.dataset}_ipc{args.ipc}"))
+    ignore = ("baseline", "cuda_graph")
+    common.RunDir.precheck(args.out, args, args.overwrite, ignore)  # before any teacher is trained or loaded
     mean, std = INFER_NORM.get(args.dataset, (info.mean, info.std)) if args.teacher_norm == "infer" else (info.mean, info.std)
     d = common.dist_setup(args.device)
     args.precision = common.resolve_precision(args.precision, d.device)  # recorded (and resumed) as what runs
@@ -353,6 +364,7 @@ def main(argv=None):
         f"{b['image_equivalents']} <= {b['budget']}")
 
     # --- stage 1: the M teachers (UFC:ufc_generation/ufc_cifar.py:136-185), loaded once ---
+    teachers_reused = all(common.teacher_cached(a, args.dataset, p) for a, p in zip(archs, paths))
     teachers = [common.load_teacher(a, args.dataset, p, args.data_path, device=d.device) for a, p in zip(archs, paths)]
     if str(d.device).startswith("cuda"):
         teachers = [t.to(memory_format=torch.channels_last) for t in teachers]
@@ -365,7 +377,7 @@ def main(argv=None):
                                         0 if args.dataset == "digits" else args.workers, ipc=args.ipc)
     run = common.RunDir(args.out, args, classes, rank=d.rank, overwrite=args.overwrite,
                         extra_artefacts=("ufc.pt", "ufc_parts", "eval_static.json", "eval_static_teacher.json"),
-                        ignore=("baseline", "cuda_graph"))
+                        ignore=ignore)
     run.record.update({"budget": b, "teachers": archs, "teacher_norm": {"mean": mean, "std": std}})
 
     # --- stage 3: the K*M UFCs, each against ONE teacher (UFC:ufc_generation/ufc_cifar.py, DWA:distillation/perterb.py:19-32), sharded over ranks ---
@@ -441,19 +453,21 @@ def main(argv=None):
     summary = {"loss_first": float(losses[..., :tail].mean()), "loss_last": float(losses[..., -tail:].mean()),
                "storage": storage}
     run.finish(device=d.device, **summary)
-    log(f"infer_ufc: {args.dataset} IPC {args.ipc} -> K={K}, {b['files_per_class']} files/class, {C * len(ids)} images, "
+    log(f"UFCs: IPC {args.ipc} -> K={K}, {b['files_per_class']} files/class, {C * len(ids)} images, "
         f"{b['ufcs']} UFCs ({b['image_equivalents']}/{b['budget']} image-equivalents); loss {summary['loss_first']:.3f} -> "
         f"{summary['loss_last']:.3f}; UFC stage {run.record['stages']['ufc']['seconds']:.0f}s; compact "
         f"{storage['compact_bytes'] / 1024:.0f} KB vs written {storage['written_images_bytes'] / 1024:.0f} KB -> {args.out}")
 
     # --- stage 6: evaluation with validate_fkd.py (UFC:ufc_validation/val_static.py, val_dyn.py) ---
+    result = None
     if args.eval:
         import validate_fkd
         common_flags = ["--syn-data-path", args.out, "--dataset", args.dataset, "--protocol", "static",
-                        "--teacher", ",".join(archs), "--repeats", str(args.eval_repeats), "--seed", str(args.seed),
+                        "--teacher", ",".join(archs), "--seed", str(args.seed),
                         "--device", args.device, "--precision", args.precision, "--mean", *map(str, mean), "--std", *map(str, std)]
         common_flags += ["--data-path", args.data_path] if args.data_path else []
         common_flags += ["--teacher-path", args.teacher_path] if args.teacher_path else []
+        common_flags += ["--repeats", str(common.eval_repeats(args))] if common.eval_repeats(args) else []
         epochs = args.eval_epochs
         if args.eval_protocol == "dynamic":  # "epochs reduced by a factor of 1/(M+1)" (UFC README)
             common_flags += ["--label-mode", "teacher"]
@@ -464,7 +478,10 @@ def main(argv=None):
         common_flags += ["--epochs", str(epochs)] if epochs else []
         if args.baseline == "random":  # random real images at the nominal IPC: the same image-equivalent budget
             common_flags += ["--baseline", "random", "--baseline-ipc", str(args.ipc)]
-        return validate_fkd.main(common_flags)
+        result = validate_fkd.main(common_flags, closing=False, norm_source=f"the teachers' {args.teacher_norm} statistics")
+    if d.main:
+        print(common.closing_line("infer_ufc", args.dataset, args.ipc, args.out, result, {"teachers": teachers_reused}))
+    return result
 
 
 if __name__ == "__main__":

@@ -250,7 +250,10 @@ def build_parser():
                    help="dataset of the set (default: the one in the set's run.json, else digits)")
     g.add_argument("--data-path", default=None, help="real dataset root (its val split is the test set)")
     g.add_argument("--protocol", default=None, choices=list(PROTOCOLS),
-                   help="label protocol (see the header; default: the set's method's, else rded)")
+                   help="label protocol: rded = teacher soft labels online on each augmented batch (RDED, DELT, VLCP); "
+                        "fkd = soft labels stored per epoch and batch, replayed (D4M, SRe2L); static = one soft label "
+                        "per image (INFER); hard = class labels with cutmix (Minimax). Default: the set's method's, "
+                        "else rded")
     g.add_argument("--preset", default="auto", choices=("auto", "none", *METHOD_PRESETS),
                    help="whose official evaluation to apply: auto = the method named in the set's run.json; "
                         "none = the protocol's generic recipe; ddranking = DD-Ranking 0.2.0's (--ddranking-mode). "
@@ -288,7 +291,7 @@ def build_parser():
                         "SET (optimistic: selection on the test data); applies to the set, the random subsets and the "
                         "hard-label runs; the winners are recorded" % ", ".join(map(str, LR_GRID)))
     g = p.add_argument_group("models")
-    g.add_argument("--student", default=None, help="student architecture (common.ARCHS)")
+    g.add_argument("--student", default=None, help=f"student architecture ({', '.join(common.ARCHS)})")
     g.add_argument("--teacher", default=None, help="teacher architecture; a comma list is an ensemble")
     g.add_argument("--teacher-path", default=None, help="teacher checkpoint(s), comma list matching --teacher")
     g.add_argument("--norm", default=None, choices=("dataset", "imagenet"),
@@ -339,7 +342,10 @@ def build_parser():
         "from zhangxin-xd/UFC@83d19f8:val_static.py, hard from zou-yawen/Dataset-Distillation-via-Vision-"
         "Language-Category-Prototype@d0060eb4:04_evaluation/Minimax/train.py; per-dataset changes in "
         "DATASET_PRESETS (digits: our choice, about a minute per student on 2 CPU cores). A flag given "
-        "explicitly beats the recipe."))
+        "explicitly beats the recipe."),
+        citations="X:path is that repository's file at the commit read: D = VILA-Lab/DELT@f2f81ca, R = "
+                  "LINs-lab/RDED@3f6453d, S = VILA-Lab/SRe2L@8d00cba, D4M = suduo94/D4M@da35d10, UFC = "
+                  "zhangxin-xd/UFC@83d19f8, VLCP = zou-yawen/Dataset-Distillation-via-Vision-Language-Category-Prototype@d0060eb4")
 
 
 def set_record(folder):
@@ -677,8 +683,9 @@ def summarise(runs):
             "last_mean": float(np.mean(last)), "last_std": float(np.std(last)), "runs": runs}
 
 
-def evaluate_set(args, name, images, targets, ipc, teacher, static_labels, fkd_dir, val_loader, d):
-    """`--repeats` students on one set; mean and population std of best and last."""
+def evaluate_set(args, name, images, targets, ipc, teacher, static_labels, fkd_dir, val_loader, d, label=None):
+    """`--repeats` students on one set; mean and population std of best and last. `label` replaces the
+    "repeat r/N" of the log line (a random real subset is one repeat of its own)."""
     runs = []
     for r in range(args.repeats):
         cfg = recipe_for(args, ipc, len(targets))
@@ -689,14 +696,22 @@ def evaluate_set(args, name, images, targets, ipc, teacher, static_labels, fkd_d
             cfg.batch_size = meta.get("batch_size", cfg.batch_size)  # the replay trains on the stored batches: record what runs
         cfg.seed = args.seed + r
         if d.main:
-            print(f"[{name}] repeat {r + 1}/{args.repeats}: {len(targets)} images, protocol {args.protocol} "
+            print(f"[{name}] {label or f'repeat {r + 1}/{args.repeats}'}: {len(targets)} images, protocol {args.protocol} "
                   f"({cfg.labels} labels), student {args.student}, {cfg.epochs} epochs, batch {cfg.batch_size}, seed {cfg.seed}")
         res, tried = train_repeat(args, name, images, targets, cfg, teacher, static_labels, fkd_dir, val_loader, d)
         runs.append({"seed": cfg.seed, "best": res["best"], "last": res["last"], "history": res["history"],
                      "seconds": round(res["seconds"], 2), "images_per_s": round(res["images_per_s"], 1)})
         if tried:
             runs[-1].update({"lr": cfg.lr, "lr_search": tried})
-    return {"images": len(targets), "ipc": ipc, "epochs": cfg.epochs, "batch_size": cfg.batch_size, **summarise(runs)}, cfg
+    return {"images": len(targets), "ipc": ipc, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
+            "steps": cfg.epochs * steps_per_epoch(len(targets), cfg, fkd_dir), **summarise(runs)}, cfg
+
+
+def steps_per_epoch(n, cfg, fkd_dir=None):
+    """Optimiser steps of one epoch: the loader's batches (a last batch of one image is dropped,
+    common.train_student), or the stored FKD batches."""
+    bs = common.fkd_meta(fkd_dir)["batch_size"] if cfg.labels == "fkd" else cfg.batch_size
+    return n // bs + (n % bs > 1)
 
 
 def store_fkd_labels(args, images, ipc, teacher, fkd_dir, epochs, d):
@@ -716,7 +731,7 @@ def random_real_runs(args, ipc, teacher, cfg_epochs, val_loader, d):
                                common.to_tensor() if args.method == "ddranking" else  # its random images: no resize or crop
                                common.eval_transform(args.dataset, args.size, normalize=False))
     teacher = teacher or (load_teachers(args, d.device) if args.label_mode == "fkd" else None)
-    runs = []
+    runs, res = [], {}
     for r in range(args.repeats):
         idx = common.random_subset(real.targets, ipc, args.seed + 1000 + r, info.num_classes)
         x, y = common.stack_images(real, idx, workers=args.workers)
@@ -727,10 +742,11 @@ def random_real_runs(args, ipc, teacher, cfg_epochs, val_loader, d):
                 store_fkd_labels(args, x, ipc, teacher, tmp, cfg_epochs or args.relabel_epochs or args.epochs, d)
             one = copy.copy(args)
             one.repeats, one.seed = 1, args.seed + r
-            res, _ = evaluate_set(one, f"random real {r + 1}/{args.repeats}", x, y, ipc, teacher, labels, tmp, val_loader, d)
+            res, _ = evaluate_set(one, "random real", x, y, ipc, teacher, labels, tmp, val_loader, d,
+                                  label=f"subset {r + 1}/{args.repeats}")
         runs += res["runs"]
     return {"kind": "random real subsets", "ipc": ipc, "subset_seeds": [args.seed + 1000 + r for r in range(args.repeats)],
-            **summarise(runs)}
+            "epochs": res.get("epochs"), "steps": res.get("steps"), **summarise(runs)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1014,10 +1030,14 @@ def export_ddranking(args, folder, images, targets, rows, out_dir, d, stored=Non
     return spec
 
 
-def main(argv=None):
+def main(argv=None, closing=True, norm_source=None):
+    """The evaluation; returns its record. `closing`: print the closing line (a script that evaluates its
+    own set prints it instead, with its own facts); `norm_source`: why the --mean/--std a script passes
+    are what they are (printed instead of "--mean/--std", which its user did not pass)."""
     args = build_parser().parse_args(argv)
     method, source = choose_preset(args)
     args = resolve(args, method)
+    args.norm_source = norm_source or args.norm_source
     augment_on_device(args, args.device)  # refuses --augment-on device with per-image-only ops, before any output
     if not args.syn_data_path and not args.random_real:
         raise common.UserError("give --syn-data-path (a set to evaluate) or --random-real IPC (random real subsets only)")
@@ -1027,6 +1047,8 @@ def main(argv=None):
         args.baseline = "random"
     info = common.dataset_info(args.dataset)
     folder = args.syn_data_path.rstrip("/") if args.syn_data_path else None
+    if folder and not os.path.isdir(folder):  # before any output
+        raise common.UserError(f"the set {folder} does not exist (--syn-data-path)")
     fkd_dir = folder  # stored FKD labels are files in the set's root (common.fkd_path; the old fkd/ folder is read too)
     preset_line = (f"preset: {method or 'none'} ({source}); protocol {args.protocol}; inputs normalised with "
                    f"mean {[round(m, 4) for m in args.mean]} std {[round(v, 4) for v in args.std]} ({args.norm_source})"
@@ -1052,9 +1074,11 @@ def main(argv=None):
         return resolved
     d = common.dist_setup(args.device)
     resolve_execution(args, d.device)
+    classes = common.class_list(args.dataset, args.data_path)  # missing data stops before the preset line
+    teacher_reused = args.label_mode != "hard" and any(common.teacher_cached(a, args.dataset, args.teacher_path)
+                                                       for a in args.teacher.split(","))
     if d.main:
         print(preset_line)
-    classes = common.class_list(args.dataset, args.data_path)
 
     # --- the distilled set (checked against the dataset's class list) ---
     if folder:
@@ -1175,7 +1199,10 @@ def main(argv=None):
         if args.lr_search:
             print(f"lr search (selected on the test set): distilled {record['lr_search']['distilled']}, "
                   f"random {record['lr_search']['random']}")
-        print(f"wrote {out}")
+        if closing:
+            reused = {"teacher": teacher_reused,
+                      "full-data student": bool(record.get("metrics", {}).get("full_data", {}).get("cached"))}
+            print(common.closing_line("validate_fkd", args.dataset, ipc, out, record, reused))
     return record
 
 

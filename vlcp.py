@@ -20,7 +20,7 @@ whose images are noise; real folders or hub ids give the real method):
       --captioner /tmp/tiny/llava --max-per-class 20 --size 64 --ft-res 32 --caption-max-tokens 8 \
       --finetune-epochs 1 --ft-batch-size 4 --grad-accum 1 --ft-max-steps 2 --steps 4
     prints one line per stage and ends with
-    "vlcp digits ipc10: 100 images (32 px) in runs/vlcp_digits; ..."
+    "vlcp: digits IPC 10 -> runs/vlcp_digits | top-1 distilled ... vs random real ... | ..."
   uv run torchrun --nproc_per_node 8 vlcp.py --dataset imagenette --data-path $NETTE --ipc 10 \
       --out runs/vlcp_nette_ipc10 --captions runs/nette/captions.jsonl --finetuned runs/nette/sd --eval
   uv run python vlcp.py --dataset imagenet --data-path $IMNET --ipc 10 --out runs/vlcp_in1k_ipc10 \
@@ -93,8 +93,8 @@ SYSTEM = ("A chat between a curious human and an artificial intelligence assista
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_generic_args(p, ipc=10)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0] + "\n\nDigits needs a generator: its time is the generator's (README 'How long it takes').", formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_generic_args(p, ipc=10, out="runs/vlcp_<dataset>_ipc<ipc>")
     g = p.add_argument_group("models")
     g.add_argument("--model", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
                    help="Stable Diffusion 1.x hub id or folder (the official base is benjamin-paine/stable-diffusion-v1-5)")
@@ -148,15 +148,20 @@ def parse_args(argv=None):
     g.add_argument("--synth-batch-size", type=int, default=8, help="images per img2img call")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-protocol", default=None, choices=("hard", "rded"), help="hard = Minimax (Sec. 3.6), rded (Sec. 3.7)")
-    g.add_argument("--eval-repeats", type=int, default=None, help="override validate_fkd's repeats")
+    g.add_argument("--eval-repeats", type=int, default=None,
+                   help="students on the set and on random real images (default: 3 on digits, else validate_fkd's)")
     g.add_argument("--eval-epochs", type=int, default=None, help="override validate_fkd's epochs")
     g.add_argument("--eval-teacher-path", default=None, help="rded: teacher checkpoint (CIFAR/Tiny: RDED's)")
     common.document_defaults(p, PRESETS, DEFAULTS, (
         "from the run_*.sh scripts of zou-yawen/Dataset-Distillation-via-Vision-Language-Category-Prototype@d0060eb4 "
         "(CIFAR-10: run_cifar10.sh, ImageNette: run_nette.sh, ImageNet-1K: its evaluation folder names); "
         "Woof/ImageNet-100/Tiny/digits: not published, our choice. The source of each value is the comment "
-        "beside it in PRESETS in vlcp.py."))
-    return common.apply_presets(p.parse_args(argv), PRESETS, DEFAULTS)
+        "beside it in PRESETS in vlcp.py."),
+        citations="VLCP:path is zou-yawen/Dataset-Distillation-via-Vision-Language-Category-Prototype@d0060eb4:path (the official code); Sec. x.y is the paper's section")
+    args = common.apply_presets(p.parse_args(argv), PRESETS, DEFAULTS)
+    common.eval_on(args)
+    args.out = args.out or os.path.join("runs", f"vlcp_{args.dataset}_ipc{args.ipc}")
+    return args
 
 
 # --- cache keys of stages 1-2 (shared across IPCs; hashing in common.py) -----------------------------
@@ -302,9 +307,9 @@ def finetune_unet(model, ds, indices, texts, out_dir, args, d, settings):
     dev = d.device
     cuda = str(dev).startswith("cuda")
     amp = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision) if cuda else None
-    load = lambda cls, sub: common.hub_from_pretrained(cls, model, "--model", subfolder=sub)  # noqa: E731
+    load = lambda cls, sub, **kw: common.hub_from_pretrained(cls, model, "--model", subfolder=sub, **kw)  # noqa: E731
     tokenizer, noise_scheduler = load(CLIPTokenizer, "tokenizer"), load(DDPMScheduler, "scheduler")
-    vae = load(AutoencoderKL, "vae").to(dev, amp or torch.float32).requires_grad_(False)
+    vae = load(AutoencoderKL, "vae", dtype=amp or torch.float32).to(dev).requires_grad_(False)  # dtype at load: no cast warning
     text_encoder = load(CLIPTextModel, "text_encoder").to(dev, amp or torch.float32).requires_grad_(False)
     unet = load(UNet2DConditionModel, "unet").to(dev).train()
     if cuda:
@@ -542,8 +547,6 @@ def main(argv=None):
     t_start = time.time()
     classes = common.class_list(args.dataset, args.data_path)
     names = [c["name"] for c in classes]
-    if not args.out:
-        raise common.UserError("--out is required: the folder of the distilled set")
     common.check_out_folder(args.out)
     if args.finetuned:
         common.check_out_folder(args.finetuned, "--finetuned")
@@ -553,6 +556,9 @@ def main(argv=None):
         raise common.UserError(f"--ipc {args.ipc} must be >= 1 and <= --max-per-class {args.max_per_class}")
     if args.eval and not os.path.isfile(os.path.join(common.ROOT, "validate_fkd.py")):
         raise common.UserError("validate_fkd.py is missing next to vlcp.py; --eval needs it")
+    ignore = ("caption_batch_size", "encode_batch_size", "synth_batch_size", "checkpointing_steps", "eval_teacher_path",
+              "cache")
+    common.RunDir.precheck(args.out, args, args.overwrite, ignore)  # before any model is looked up, loaded or trained
     d = common.dist_setup(args.device)
     common.seed_everything(args.seed)
     train = common.real_dataset(args.dataset, args.data_path, "train")
@@ -627,8 +633,7 @@ def main(argv=None):
                                f"retrain it or choose another --finetuned")
     run = common.RunDir(args.out, args, classes, rank=d.rank, overwrite=args.overwrite,
                         extra_artefacts=("captions.jsonl", "text_prototypes.json", "prototypes.pt", ".vlcp"),
-                        ignore=("caption_batch_size", "encode_batch_size", "synth_batch_size", "checkpointing_steps",
-                                "eval_teacher_path", "cache"))
+                        ignore=ignore)
     todo = [c for c in shard_of(range(len(classes)), d) if not run.class_complete(c, args.ipc)]
     proto_dir = os.path.join(args.out, ".vlcp")
     os.makedirs(proto_dir, exist_ok=True)
@@ -777,17 +782,19 @@ def main(argv=None):
     if args.eval:  # every rank: validate_fkd trains with DDP under torchrun
         import validate_fkd
         extra = ["--data-path", args.data_path] if args.data_path else []
-        extra += ["--repeats", str(args.eval_repeats)] if args.eval_repeats else []
+        extra += ["--repeats", str(common.eval_repeats(args))] if common.eval_repeats(args) else []
+        extra += ["--baseline", "random"] if args.dataset == "digits" else []  # random real, same IPC and protocol
         extra += ["--epochs", str(args.eval_epochs)] if args.eval_epochs else []
         extra += ["--teacher-path", args.eval_teacher_path] if args.eval_teacher_path else []
         result = validate_fkd.main(["--syn-data-path", args.out, "--dataset", args.dataset, "--protocol",
                                     args.eval_protocol, "--ipc", str(args.ipc), "--seed", str(args.seed),
-                                    "--device", str(args.device), *extra])
+                                    "--device", str(args.device), *extra], closing=False)
     if d.main:
-        acc = f"; {args.eval_protocol} top-1 {result['best_mean']:.2f} +- {result['best_std']:.2f}" if result else ""
-        print(f"vlcp {args.dataset} ipc{args.ipc}: {n_images} images ({args.out_size} px) in {args.out}; "
-              f"{run.record.get('text_prototypes', {}).get('empty', 0)} empty text prototypes; "
-              f"{time.time() - t_start:.0f}s{acc}")
+        print(f"images: {n_images} at {args.out_size} px; {run.record.get('text_prototypes', {}).get('empty', 0)} empty "
+              f"text prototypes; {time.time() - t_start:.0f}s")
+        print(common.closing_line("vlcp", args.dataset, args.ipc, args.out, result, {
+            "captions": run.record["captions"]["reused"],
+            "fine-tuned SD": bool((run.record.get("finetuned") or {}).get("reused"))}))
 
 
 if __name__ == "__main__":

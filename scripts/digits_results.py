@@ -34,18 +34,18 @@ def method_command(method, ipc, out, tiny, quick):
         return py + ["delt.py", "--ipc", str(ipc), "--out", out, "--no-eval"] + (
             ["--iterations", "20", "--round-itr", "10"] if quick else [])
     if method == "infer_ufc":
-        return py + ["infer_ufc.py", "--ipc", str(ipc), "--out", out] + (["--iterations", "5"] if quick else [])
+        return py + ["infer_ufc.py", "--ipc", str(ipc), "--out", out, "--no-eval"] + (["--iterations", "5"] if quick else [])
     if method == "d4m":
         return py + ["d4m.py", "--model", os.path.join(tiny, "sd"), "--size", "64", "--steps", "4", "--ipc", str(ipc),
-                     "--ttm-epochs", "0", "--workers", "0", "--out", out]
+                     "--ttm-epochs", "0", "--workers", "0", "--out", out, "--no-eval"]
     if method == "vlcp":
         return py + ["vlcp.py", "--model", os.path.join(tiny, "sd"), "--captioner", os.path.join(tiny, "llava"),
                      "--ipc", str(ipc), "--max-per-class", str(max(ipc, 20)), "--size", "64", "--ft-res", "32",
                      "--caption-max-tokens", "8", "--finetune-epochs", "1", "--ft-batch-size", "4",
-                     "--grad-accum", "1", "--ft-max-steps", "2", "--steps", "4", "--workers", "0", "--out", out]
+                     "--grad-accum", "1", "--ft-max-steps", "2", "--steps", "4", "--workers", "0", "--out", out, "--no-eval"]
     if method == "dmkd":
         return py + ["dmkd.py", "--model", os.path.join(tiny, "dit"), "--steps", "4", "--ipc", str(ipc),
-                     "--stage", "synthesize", "--out", out]
+                     "--stage", "synthesize", "--out", out, "--no-eval"]
     raise ValueError(method)
 
 

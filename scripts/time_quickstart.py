@@ -5,11 +5,13 @@ teacher is trained too), prints its last output line and its wall time. The READ
 from this script; rerun it when the code they measure changes.
 
   uv run python scripts/time_quickstart.py                        # `uv run python delt.py` (minutes)
+  uv run python scripts/time_quickstart.py --also infer_ufc.py     # and `uv run python infer_ufc.py` (fresh cache each)
   uv run python scripts/time_quickstart.py --suite                # also `uv run pytest -q` (about 10 minutes or more)
   uv run python scripts/time_quickstart.py --help-times --no-delt  # `<script> --help` against `import torch` alone
 """
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -38,6 +40,8 @@ def main(argv=None):
     p.add_argument("--help-times", action="store_true",
                    help="time every script's --help (best of 3) against `python -c 'import torch'`")
     p.add_argument("--no-delt", action="store_true", help="skip `uv run python delt.py`")
+    p.add_argument("--also", action="append", default=[], metavar="SCRIPT",
+                   help="also time `uv run python SCRIPT` with no flags (repeatable), each with its own fresh cache")
     args = common.document_defaults(p).parse_args(argv)
     import torch
     if args.help_times:
@@ -48,16 +52,23 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as fresh:
         # a new output folder every time: an existing one holding the same run would resume and skip the work
         commands = [] if args.no_delt else [["uv", "run", "python", "delt.py", "--out", os.path.join(fresh, "delt")]]
+        commands += [["uv", "run", "python", s, "--out", os.path.join(fresh, s[:-3])] for s in args.also]
         if args.suite:
             commands.append(["uv", "run", "pytest", "-q"])
         env = dict(os.environ)
-        if not args.keep_cache:
-            env["DD_CACHE"] = os.path.join(fresh, "cache")
-        for cmd in commands:
-            t0 = time.time()
+        for n, cmd in enumerate(commands):
+            if not args.keep_cache:
+                env["DD_CACHE"] = os.path.join(fresh, f"cache{n}")
+            t0, before = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
+            load0 = os.getloadavg()[0]
             proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
             lines = (proc.stdout.strip() or proc.stderr.strip() or "(no output)").splitlines()
-            print(f"$ {' '.join(cmd)}\n  exit {proc.returncode}, {time.time() - t0:.0f} s wall; last line: {lines[-1]}")
+            # the load average says how much other work shared the cores (a wall time on a busy box is not
+            # the idle figure); CPU time is user + system of the command and its children
+            print(f"$ {' '.join(cmd)}\n  exit {proc.returncode}, {time.time() - t0:.0f} s wall, {cpu:.0f} s CPU; load "
+                  f"average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end; last line: {lines[-1]}")
     threads = os.environ.get("OMP_NUM_THREADS", f"torch default {torch.get_num_threads()}")
     print(f"device {common.device_name('cuda' if torch.cuda.is_available() else 'cpu')}, threads {threads}, "
           f"{os.cpu_count()} cores, fresh cache: {not args.keep_cache}")

@@ -28,6 +28,14 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
+def unexpected_stderr(text):
+    """The lines of a script's stderr that are not tqdm progress bars ("desc:  40%|████ | 4/10 [...]"): a
+    successful run must print nothing else there (no third-party warning that says nothing to the user)."""
+    import re
+    lines = [ln.strip() for ln in re.split(r"[\r\n]+", text)]
+    return [ln for ln in lines if ln and not re.match(r"^[^|]*?:?\s*\d+%\|", ln)]
+
+
 def script_env(**extra):
     """The environment of a script run: the caller's, the test settings, then `extra`."""
     return {**os.environ, **TEST_ENV, **extra}

@@ -254,6 +254,56 @@ def test_tiny_val_is_refoldered(tmp_path):
     assert (root / "val" / wnids[1] / "val_1.JPEG").is_file() and not (root / "val" / "images").exists()
 
 
+def test_preview_canvas_fits_its_images(tmp_path):
+    """One column per image of the fullest class shown (at most 8): IPC 1 is one column, not 8 with 7 black."""
+    x, _ = common.digits_split("train")
+    for ipc, width in ((1, 64 + 2 * 2), (3, 3 * (64 + 2) + 2)):
+        out = tmp_path / f"ipc{ipc}"
+        for c in range(10):
+            os.makedirs(out / f"{c:05d}")
+            common.save_images(x[:ipc], [str(out / f"{c:05d}" / f"{i:05d}.png") for i in range(ipc)])
+        common.save_preview(str(out))
+        assert Image.open(out / "preview.png").size == (width, 10 * (64 + 2) + 2)  # make_grid: padding 2
+
+
+def test_cifar_missing_folder_is_named_not_created(tmp_path):
+    missing = tmp_path / "nonexistent"
+    with pytest.raises(common.UserError, match="cifar-10-batches-py/ .*cifar-10-python.tar.gz"):
+        common.class_list("cifar10", str(missing))  # torchvision's download=True would create it
+    assert not missing.exists()
+    with pytest.raises(common.UserError, match="required for every dataset but digits|--data-path is required"):
+        common.real_dataset("cifar100", None, "train")
+
+
+def test_closing_line_one_shape():
+    rec = {"best_mean": 96.0166, "best_std": 0.3512, "repeats": 3, "student": "conv3", "epochs": 40, "steps": 80,
+           "protocol": "rded", "label_mode": "teacher", "preset": "delt",
+           "baseline": {"best_mean": 95.4555, "best_std": 0.4722, "epochs": 40, "steps": 80}}
+    assert common.closing_line("delt", "digits", 10, "runs/x", rec, {"teacher": True, "ranking": False}) == (
+        "delt: digits IPC 10 -> runs/x | top-1 distilled 96.02 ± 0.35 vs random real 95.46 ± 0.47 | 3 students each: "
+        "conv3, 40 epochs = 80 optimiser steps | protocol rded (teacher labels), preset delt | reused from cache: teacher")
+    rec["baseline"]["steps"] = 40  # INFER: K*(M+1) files per class against IPC random real images
+    assert "40 epochs = 80 (distilled) / 40 (random real) optimiser steps" in common.closing_line("m", "digits", 10, "o", rec)
+    assert common.closing_line("d4m", "imagenet", 10, "o") == ("d4m: imagenet IPC 10 -> o | top-1 not evaluated (pass "
+                                                               "--eval) | reused from cache: nothing")
+    assert "top-1 not evaluated (--no-eval)" in common.closing_line("d4m", "digits", 10, "o")
+
+
+def test_precheck_refuses_a_different_run_without_touching_anything(tmp_path):
+    out = str(tmp_path / "set")
+    common.RunDir.precheck(out, _args(lr=0.1))  # nothing there: nothing to refuse, nothing created
+    assert not os.path.exists(out)
+    run = common.RunDir(out, _args(lr=0.1, eval=True), common.class_list("digits"))
+    run.write_class(0, common.digits_split("train")[0][:2])
+    run.finish()
+    before = sorted(os.listdir(out))
+    common.RunDir.precheck(out, _args(lr=0.1, eval=False))  # the same run (eval is volatile): resumes
+    with pytest.raises(common.UserError, match=r"holds a different run \(differs in lr\)"):
+        common.RunDir.precheck(out, _args(lr=0.2))
+    common.RunDir.precheck(out, _args(lr=0.2), overwrite=True)
+    assert sorted(os.listdir(out)) == before
+
+
 def test_hub_offline_error_names_the_flag(tmp_path):
     from diffusers import StableDiffusionImg2ImgPipeline
     with pytest.raises(common.UserError, match="--model"):

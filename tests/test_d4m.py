@@ -10,12 +10,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import run_script
+from conftest import run_script, unexpected_stderr
 
 import common
 
 ARGS = ["--size", "64", "--steps", "4", "--ipc", "3", "--prototypes", "2", "--ttm-epochs", "2",
-        "--ttm-batch-size", "16", "--batch-size", "7", "--workers", "0"]
+        "--ttm-batch-size", "16", "--batch-size", "7", "--workers", "0", "--no-eval"]
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def d4m_run(tiny_sd, tmp_path_factory):
     out, latents = str(tmp / "set"), str(tmp / "latents")
     proc = run_script("d4m.py", "--model", tiny_sd, "--out", out, "--save-latents", latents, *ARGS,
                       "--eval", "--eval-epochs", "1")
-    return {"out": out, "latents": latents, "stdout": proc.stdout, "model": tiny_sd}
+    return {"out": out, "latents": latents, "stdout": proc.stdout, "stderr": proc.stderr, "model": tiny_sd}
 
 
 def test_on_disk_contract(d4m_run):
@@ -43,7 +43,11 @@ def test_on_disk_contract(d4m_run):
     assert not os.path.exists(os.path.join(out, ".prototypes"))  # merged into prototypes.pt
     # image 2 reuses prototype 0 with new noise: same start, different picture
     assert not torch.equal(images[0], images[2])
-    assert "d4m digits ipc3: 30 images at 32 px" in d4m_run["stdout"]
+    assert "images: 30 at 32 px" in d4m_run["stdout"]
+    assert not unexpected_stderr(d4m_run["stderr"])  # no diffusers/accelerate notes, only progress bars
+    closing = d4m_run["stdout"].splitlines()[-1]  # common.closing_line; fkd replay of the stored TTM labels
+    assert closing.startswith(f"d4m: digits IPC 3 -> {out} | top-1 distilled ") and " vs random real " in closing
+    assert "| protocol fkd (fkd labels), preset d4m |" in closing
 
 
 def test_latents_are_seeded_vae_samples(d4m_run):
@@ -240,7 +244,7 @@ def test_torchrun_two_processes_write_the_same_set(d4m_run, tmp_path):
 def test_latents_are_cached_so_an_ipc_loop_encodes_once(tiny_sd, tmp_path, monkeypatch):
     import d4m
     monkeypatch.setenv("DD_CACHE", str(tmp_path / "cache"))
-    small = ["--model", tiny_sd, "--size", "64", "--steps", "4", "--ttm-epochs", "0", "--workers", "0"]
+    small = ["--model", tiny_sd, "--size", "64", "--steps", "4", "--ttm-epochs", "0", "--workers", "0", "--no-eval"]
     d4m.main([*small, "--ipc", "1", "--out", str(tmp_path / "ipc1")])
     first = json.load(open(tmp_path / "ipc1" / "run.json"))["latent_cache"]
     files = sorted(os.listdir(first["path"]))

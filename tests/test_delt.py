@@ -14,7 +14,7 @@ import torch
 
 import common
 import delt
-from conftest import ROOT, run_script, script_env
+from conftest import ROOT, run_script, script_env, unexpected_stderr
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = ["--ipc", "2", "--iterations", "20", "--round-itr", "10", "--batch-size", "4", "--no-eval"]
@@ -115,7 +115,9 @@ def one_proc(tmp_path_factory):
 
 def test_contract_bn_loss_and_early_late_effect(one_proc):
     out, proc = one_proc
-    assert "delt: digits ipc 2" in proc.stdout
+    assert not unexpected_stderr(proc.stderr)
+    closing = proc.stdout.splitlines()[-1]  # common.closing_line: one shape in every script
+    assert closing.startswith(f"delt: digits IPC 2 -> {out} | top-1 not evaluated (--no-eval) | reused from cache: ")
     classes = json.load(open(out / "classes.json"))
     assert [c["id"] for c in classes] == [str(i) for i in range(10)]
     files = image_files(out)
@@ -131,7 +133,7 @@ def test_contract_bn_loss_and_early_late_effect(one_proc):
     # the objective recover optimises, on the same augmented views for initial and final images
     views = dl["objective_on_recover_views"]
     assert views["after"] < 0.9 * views["before"]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("delt: digits ipc 2"))
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("recover "))
     assert (f"objective (CE + r_bn*BN) on the recover views {views['before']:.3f} -> {views['after']:.3f}" in line
             and "| unaugmented BN loss" in line and "| BN loss" not in line)
     assert rec["normalisation"] == {"mean": list(common.DATASETS["digits"].mean), "std": list(common.DATASETS["digits"].std),
@@ -186,7 +188,12 @@ def test_resume_after_an_interrupted_run(one_proc, tmp_path):
     rec = json.load(open(out / "run.json"))
     assert rec["status"] == "done" and "best_mean" in rec["eval"] and "best_mean" in rec["eval"]["random_real"]
     assert json.load(open(out / "eval_rded.json"))["recipe"]["rand_augment"] == "rand-m6-n2-mstd1.0"
-    assert "random real" in proc.stdout.splitlines()[-1]
+    closing = proc.stdout.splitlines()[-1]
+    e, b = rec["eval"], rec["eval"]["random_real"]
+    assert (f"top-1 distilled {e['best_mean']:.2f} ± {e['best_std']:.2f} vs random real {b['best_mean']:.2f} ± "
+            f"{b['best_std']:.2f} | 3 students each: conv3, 1 epoch = 2 optimiser steps | protocol rded (teacher "
+            f"labels), preset delt | reused from cache: teacher, ranking") in closing  # 20 images, batch 10
+    assert "(--mean/--std)" not in proc.stdout  # the user passed neither: the eval names where they come from
 
 
 def test_ranking_is_cached_by_data_and_teacher_so_an_ipc_loop_ranks_once(tmp_path):
@@ -228,3 +235,8 @@ def test_refuses_a_folder_holding_a_different_run(one_proc, tmp_path):
     with pytest.raises(common.UserError, match="holds a different run"):
         delt.main(["--out", str(out), *SMALL, "--lr", "0.05"])
     assert {f: os.stat(out / f).st_mtime_ns for f in before} == before
+    # refused before the teacher is trained: with an empty $DD_CACHE nothing is trained or cached
+    cache = tmp_path / "empty_cache"
+    proc = run_script("delt.py", "--out", out, *SMALL, "--lr", "0.05", check=False, env={"DD_CACHE": str(cache)})
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: {out} holds a different run")
+    assert proc.stdout == "" and not cache.exists()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_script
+from conftest import run_script, unexpected_stderr
 
 import common
 import dmkd
@@ -24,10 +24,12 @@ def _png(path):
 
 def test_synthesis_both_stages_counts_resolution_resume(tiny_dit, tmp_path, capsys):
     out = tmp_path / "set"
-    cmd = ["dmkd.py", "--model", tiny_dit, "--steps", "2", "--ipc", "3", "--per-seed", "2", "--gen-batch", "7",
+    cmd = ["dmkd.py", "--model", tiny_dit, "--steps", "2", "--no-eval", "--ipc", "3", "--per-seed", "2", "--gen-batch", "7",
            "--epochs", "1", "--eval-every", "1", "--workers", "0", "--device", "cpu", "--out", out]
-    proc = run_script(*cmd, "--eval")
-    assert "dmkd digits: 30 images -> student conv3" in proc.stdout
+    proc = run_script(*cmd, "--eval", "--eval-repeats", "1")  # the last of --no-eval/--eval wins
+    assert "KD result: 30 images -> student conv3" in proc.stdout
+    assert not unexpected_stderr(proc.stderr)  # no accelerate or id2label notes, only progress bars
+    assert proc.stdout.splitlines()[-1].startswith(f"dmkd: digits IPC 3 -> {out} | top-1 ")
     dirs = sorted(p for p in os.listdir(out) if p.isdigit())
     assert dirs == [f"{c:05d}" for c in range(10)]
     for d in dirs:
@@ -217,7 +219,7 @@ def test_torchrun_two_processes_generate_the_same_images(tiny_dit, tmp_path):
     import sys
     from conftest import ROOT, script_env
     argv = ["--model", tiny_dit, "--steps", "2", "--ipc", "2", "--per-seed", "2", "--workers", "0", "--device", "cpu",
-            "--stage", "synthesize"]
+            "--stage", "synthesize", "--no-eval"]
     run_script("dmkd.py", *argv, "--out", tmp_path / "one")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
                            os.path.join(ROOT, "dmkd.py"), *argv, "--out", str(tmp_path / "two")],

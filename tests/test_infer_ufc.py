@@ -13,9 +13,9 @@ from PIL import Image
 
 import common
 import infer_ufc
-from conftest import run_script
+from conftest import run_script, unexpected_stderr
 
-ARGS = ("--teacher", "conv3,conv3", "--ipc", "2", "--iterations", "15", "--seed", "1")
+ARGS = ("--teacher", "conv3,conv3", "--ipc", "2", "--iterations", "15", "--seed", "1", "--no-eval")
 
 
 @pytest.fixture(scope="module")
@@ -140,9 +140,13 @@ def test_resume_redoes_only_missing_work_and_evaluates(infer_run, tmp_path):
     os.remove(out / "soft_labels.pt")
     shutil.rmtree(out / "00003")
     before = os.path.getmtime(out / "00005" / "00000_k0_real.png")
-    stdout = run_script("infer_ufc.py", *ARGS, "--out", out, "--eval", "--eval-epochs", "1", "--eval-protocol", "dynamic",
-                        "--baseline", "random", "--workers", "0").stdout
+    proc = run_script("infer_ufc.py", *ARGS, "--out", out, "--eval", "--eval-epochs", "1", "--eval-protocol", "dynamic",
+                      "--baseline", "random", "--workers", "0")
+    stdout = proc.stdout
+    assert not unexpected_stderr(proc.stderr)  # nothing but progress bars on stderr
     assert "compensators: 1 to optimise (1 already done)" in stdout
+    assert stdout.splitlines()[-1].startswith(f"infer_ufc: digits IPC 2 -> {out} | top-1 distilled ")  # common.closing_line
+    assert "| 3 students each: conv3, 1 epoch = " in stdout.splitlines()[-1]  # 3 on digits by default
     assert "classes: 1 to write" in stdout
     assert os.path.getmtime(out / "00005" / "00000_k0_real.png") == before
     assert torch.equal(torch.load(out / "ufc.pt", weights_only=True)["ufc"], compact["ufc"])

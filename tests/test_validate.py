@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import common
-from conftest import ROOT, run_script, script_env
+from conftest import ROOT, run_script, script_env, unexpected_stderr
 
 
 def test_kd_loss_matches_formula():
@@ -123,6 +123,9 @@ def test_each_protocol_end_to_end(digits_set, digits_conv3, protocol, extra):
     proc = run_script("validate_fkd.py", "--syn-data-path", digits_set, "--protocol", protocol, "--epochs", "2",
                       "--eval-every", "1", "--repeats", repeats, *extra)
     assert "result: digits protocol " + protocol in proc.stdout
+    assert not unexpected_stderr(proc.stderr)
+    assert proc.stdout.splitlines()[-1].startswith(f"validate_fkd: digits IPC 3 -> {digits_set}/eval_{protocol}.json | "
+                                                   f"top-1 distilled ")  # common.closing_line
     rec = json.load(open(os.path.join(digits_set, f"eval_{protocol}.json")))
     assert rec["protocol"] == protocol and rec["images"] == 30 and rec["ipc"] == 3 and rec["repeats"] == repeats
     assert [r["seed"] for r in rec["runs"]] == list(range(repeats))
@@ -167,6 +170,11 @@ def _expect_error(args, match):
         validate_fkd.main(list(args))
     sentence = common.user_sentence(refused.value)
     assert match in sentence and "\n" not in sentence, sentence
+
+
+def test_a_missing_set_is_refused_before_any_output(tmp_path, capsys):
+    _expect_error(["--syn-data-path", str(tmp_path / "nope")], f"the set {tmp_path / 'nope'} does not exist")
+    assert capsys.readouterr().out == ""  # not even the preset line
 
 
 def test_bad_sets_are_refused(digits_set, tmp_path):

@@ -11,7 +11,7 @@ import torch
 
 import common
 import vlcp
-from conftest import run_script
+from conftest import run_script, unexpected_stderr
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only cost on a shared box
 
@@ -216,7 +216,7 @@ def _argv(out, tiny_sd, tiny_llava, ipc=2):
     return ["--dataset", "digits", "--ipc", str(ipc), "--max-per-class", "4", "--out", out, "--model", tiny_sd,
             "--captioner", tiny_llava, "--size", "64", "--ft-res", "32", "--caption-max-tokens", "8",
             "--finetune-epochs", "1", "--ft-batch-size", "4", "--grad-accum", "1", "--ft-max-steps", "1",
-            "--steps", "4", "--workers", "0"]
+            "--steps", "4", "--workers", "0", "--no-eval"]
 
 
 def _sha256(path):
@@ -232,7 +232,10 @@ def test_cli_digits_end_to_end_and_resume(tiny_sd, tiny_llava, tmp_path, monkeyp
     # one image per caption batch: each caption's sampling seed is its own, so a lost caption comes back the same
     argv = [*_argv(out, tiny_sd, tiny_llava), "--caption-batch-size", "1"]
     proc = run_script("vlcp.py", *argv, env={"DD_CACHE": cache})
-    assert proc.stdout.strip().splitlines()[-1].startswith(f"vlcp digits ipc2: 20 images (32 px) in {out}")
+    assert "images: 20 at 32 px; " in proc.stdout
+    assert not unexpected_stderr(proc.stderr)  # no accelerate / float32-cast notes from diffusers, only progress bars
+    assert proc.stdout.strip().splitlines()[-1] == (f"vlcp: digits IPC 2 -> {out} | top-1 not evaluated (--no-eval) | "
+                                                   f"reused from cache: nothing")  # common.closing_line
     classes = common.class_list("digits")
     images, targets = common.load_image_set(out, classes)
     assert images.shape == (20, 3, 32, 32) and targets.tolist() == [c for c in range(10) for _ in range(2)]
