@@ -70,12 +70,15 @@ PRESETS = {
         "teacher": "conv3",  # official issue #7: ConvNet-W128 teacher for CIFAR (depth 3: our choice)
     },
     "digits": {
+        "model": "digits-sd",  # not published: our digits Stable Diffusion, trained here on first use (common.digits_sd)
+        "size": 32,  # the digits resolution: 4 x 8 x 8 latents with the digits VAE
         "teacher": "conv3",  # not published: the collection's cached digits teacher
         "ttm_epochs": 30,  # not published: our choice for a CPU-sized run
         "ttm_batch_size": 100,  # not published: our choice (= the whole IPC10 set)
     },
 }
 DEFAULTS = {
+    "model": "stable-diffusion-v1-5/stable-diffusion-v1-5",  # official: SD v1.5 (D4M:distillation/gen_prototype.py:L123)
     "size": 512,  # official gen_prototype.py --size default (D4M:distillation/dataset_utils.py:L18-21)
     "km_expand": 10,  # official gen_prototype.py --km_expand default (D4M:distillation/gen_prototype.py)
     "kmeans": "minibatch",  # official gen_prototype.py (D4M:distillation/gen_prototype.py)
@@ -91,9 +94,13 @@ DEFAULTS = {
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_generic_args(p, ipc=10)
+    p.set_defaults(eval=None)
+    p.add_argument("--no-eval", dest="eval", action="store_false", help="skip the evaluation (on by default with --model digits-sd)")
     g = p.add_argument_group("generator (Stable Diffusion, D4M:distillation/gen_prototype.py:L123)")
-    g.add_argument("--model", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
-                   help="hub id or local folder of a Stable Diffusion v1.x checkpoint (diffusers layout)")
+    g.add_argument("--model", default=None,
+                   help="hub id or local folder of a Stable Diffusion v1.x checkpoint (diffusers layout); 'digits-sd': "
+                        "our small SD trained on the digits train split on first use and cached under $DD_CACHE/generators "
+                        "(not the paper's weights; docs/d4m.md)")
     g.add_argument("--scheduler", default=None, choices=("pndm", "ddim", "dpm"),
                    help="sampler; default: the checkpoint's own (PNDM for SD v1.5, as the paper)")
     g.add_argument("--size", type=int, default=None, help="images are squashed to size x size before encoding (D4M:distillation/dataset_utils.py:L18-21)")
@@ -134,6 +141,8 @@ def parse_args(argv=None):
         "choice. The source of each value is the comment beside it in PRESETS/DEFAULTS in d4m.py."))
     args = p.parse_args(argv)
     common.apply_presets(args, PRESETS, DEFAULTS)
+    if args.eval is None:  # our choice: `python d4m.py` (the trained digits SD) evaluates itself, as delt.py does
+        args.eval = args.model == common.DIGITS_SD
     args.out = args.out or os.path.join("runs", f"d4m_{args.dataset}_ipc{args.ipc}")
     args.prototypes = args.prototypes or args.ipc
     return args
@@ -164,7 +173,8 @@ def load_generator(args, device):
     from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler,
                            StableDiffusionImg2ImgPipeline)
     dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
-    pipe = common.hub_from_pretrained(StableDiffusionImg2ImgPipeline, args.model, "--model", dtype=dtype,
+    model = common.digits_sd() if args.model == common.DIGITS_SD else args.model
+    pipe = common.hub_from_pretrained(StableDiffusionImg2ImgPipeline, model, "--model", dtype=dtype,
                                       safety_checker=None, requires_safety_checker=False,
                                       low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None)
     if args.scheduler:
@@ -288,6 +298,7 @@ def main(argv=None):
                         extra_artefacts=("prototypes.pt", ".prototypes"),
                         ignore=("batch_size", "encode_batch_size", "save_latents", "latent_cache", "ttm_epochs", "eval_student"))
     run.record.update({"prompts": prompts, "scheduler": type(pipe.scheduler).__name__, "out_size": out_size,
+                       "generator": common.generator_record(pipe.name_or_path),
                        "latent_shape": [pipe.vae.config.latent_channels, args.size // factor, args.size // factor]})
     mine = common.shard(range(len(classes)), d.rank, d.world)
     print(f"d4m {args.dataset}: {len(classes)} classes ({len(mine)} on rank {d.rank}), model {args.model}, "
@@ -359,6 +370,12 @@ def main(argv=None):
                     run.write_class(c, torch.stack(pending.pop(c)))
     del pipe
     common.barrier()
+    if d.main and args.dataset == "digits":  # the first check of a generator: does the teacher see the intended class?
+        images, labels = common.load_image_set(args.out, classes)
+        agreement = common.teacher_agreement(images.float() / 255, labels, args.teacher)
+        run.record["teacher_agreement"] = agreement
+        print(f"teacher agreement: the digits teacher {args.teacher} assigns {agreement:.1f}% of the {len(labels)} "
+              f"generated images to the class they were made for")
 
     # --- stage 4: training-time matching (TTM), FKD soft labels stored per epoch (D4M:matching/utils_fkd.py:L199-237) ---
     if args.ttm_epochs:
