@@ -12,8 +12,12 @@ Pipeline (one stage each in main()):
   4. training-time matching (TTM): FKD soft labels of a teacher stored per epoch (D4M:matching/utils_fkd.py:L199-237);
   5. --eval: validate_fkd.py with the stored labels (fkd protocol, D4M:validate/train_FKD.sh) or online ones (rded).
 
-Runs (the digits run needs no download: it uses a tiny random SD folder, so its images are noise):
-  uv run python -m tests.tiny_models /tmp/tiny --only sd
+Runs (digits needs no download: `--model digits-sd`, its default, is our small Stable Diffusion trained on the
+digits train split on first use and cached under $DD_CACHE/generators, not the paper's weights; docs/d4m.md):
+  uv run python d4m.py
+      -> trains or loads the digits SD, writes runs/d4m_digits_ipc10, prints the digits teacher's agreement
+         with the intended classes, and evaluates (fkd protocol)
+  uv run python -m tests.tiny_models /tmp/tiny --only sd   # a tiny random SD: checks the plumbing, images are noise
   uv run python d4m.py --model /tmp/tiny/sd --size 64 --steps 4 --ttm-epochs 2 --eval --eval-epochs 2
       -> writes runs/d4m_digits_ipc10 (10 classes x 10 PNGs at 32 px, prototypes.pt, fkd_*.pt) and prints
          "d4m digits ipc10: 100 images ... eval fkd top-1 ..." (the students learn little from noise)

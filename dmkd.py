@@ -9,6 +9,9 @@ Stage 1 samples `--ipc` images per class from DiT-XL/2 (class ids = the ImageNet
 classes), stage 2 trains a student from scratch on those images only, with the teacher's soft labels
 computed online (KL * T^2), and reports its top-1 on the real validation set.
 
+    # digits, both stages, with our class-conditional DiT trained on the digits train split on first use
+    # (--model digits-dit, the digits default; not the paper's weights; docs/dmkd.md)
+    uv run python dmkd.py
     # digits (the embedded data set), both stages, with a local DiT folder (`uv run python -m tests.tiny_models
     # /tmp/tiny` makes a random one whose images are noise: the student stays at chance; a real one works the same)
     uv run python dmkd.py --model /tmp/tiny/dit --steps 4 --out runs/dmkd_digits

@@ -14,8 +14,12 @@ Stages 1-2 do not depend on IPC: unless --captions/--finetuned/--no-cache say ot
 shared under $DD_CACHE (vlcp_captions/, vlcp_finetuned/), keyed by everything that decides them, so a
 loop over IPC captions and fine-tunes once.
 
-Run (digits first, no weights: the tiny random SD and LLaVA of `uv run python -m tests.tiny_models /tmp/tiny`,
-whose images are noise; real folders or hub ids give the real method):
+Run (digits first, no weights: `uv run python vlcp.py` uses our small Stable Diffusion trained on the digits
+train split on first use (--model digits-sd) and captions COMPUTED from what each image measurably shows
+(--captioner computed: stroke thickness, slant, width, closed loops), not LLaVA's; docs/vlcp.md.
+The tiny random SD and LLaVA of `uv run python -m tests.tiny_models /tmp/tiny` check the LLaVA path;
+their images are noise; real folders or hub ids give the real method):
+  uv run python vlcp.py   # digits IPC 10 -> runs/vlcp_digits_ipc10, teacher agreement, rded evaluation
   uv run python vlcp.py --dataset digits --ipc 10 --out runs/vlcp_digits --model /tmp/tiny/sd \
       --captioner /tmp/tiny/llava --max-per-class 20 --size 64 --ft-res 32 --caption-max-tokens 8 \
       --finetune-epochs 1 --ft-batch-size 4 --grad-accum 1 --ft-max-steps 2 --steps 4

@@ -47,7 +47,7 @@ def test_digits_sd_trains_and_loads_with_the_stock_img2img_pipeline(tiny_vae, tm
     with torch.no_grad():  # the scaling factor is 1 / the std of the train split's latent means
         z = vae.encode(common.digits_split("train")[0] * 2 - 1).latent_dist.mean
     assert vae.config.scaling_factor == pytest.approx(1 / float(z.std()), rel=1e-3)
-    assert vae.config.block_out_channels == (16, 16, 16) and vae_figures["recon_mse"] > 0
+    assert list(vae.config.block_out_channels) == [16, 16, 16] and vae_figures["recon_mse"] > 0
     out = str(tmp_path / "sd")
     figures = common._train_digits_sd(out, seed=0, steps=2, batch=4, channels=[32, 32], width=32,
                                       prediction="v_prediction", lr=1e-3, ema=0.9, guidance=2.0, curve_every=0,
