@@ -2233,7 +2233,8 @@ def digits_sd(seed=0, steps=600, batch=32, channels=(32, 64), width=64, predicti
     in DIGITS_TEMPLATES, 10% dropped to "" or the negative prompt for classifier-free guidance), EMA, SD's
     scaled-linear schedule; recipe.json holds the agreement of its samples with the digits teacher."""
     recipe = dict(seed=seed, steps=steps, batch=batch, channels=list(channels), width=width, prediction=prediction,
-                  lr=lr, ema=ema, guidance=guidance, curve_every=curve_every, vae=digits_vae(seed, vae_steps, verbose=verbose))
+                  lr=lr, ema=ema, guidance=guidance, curve_every=curve_every,
+                  vae=os.path.basename(digits_vae(seed, vae_steps, verbose=verbose)))  # a name: keys never hold $DD_CACHE
     if judge_per_class != 10:
         recipe["judge_per_class"] = judge_per_class
     return cached_build("digits_sd", recipe, _train_digits_sd, verbose)
@@ -2248,7 +2249,7 @@ def _train_digits_sd(out, seed, steps, batch, channels, width, prediction, lr, e
     from tqdm import tqdm
     digits_teacher("conv3", verbose=False)  # the judge of the samples' agreement, trained (seconds) before the clock matters
     tok = digits_tokenizer(os.path.join(out, "tokenizer"))
-    vae = AutoencoderKL.from_pretrained(vae).eval()
+    vae = AutoencoderKL.from_pretrained(os.path.join(cache_dir(), "generators", vae)).eval()  # a name, or a path
     x, y = digits_split("train")
     with torch.no_grad():
         post = vae.encode(x * 2 - 1).latent_dist

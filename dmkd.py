@@ -341,7 +341,7 @@ def digits_dit(seed=0, steps=1500, batch=64, width=96, layers=4, patch=2, lr=5e-
     teachers (common.cached_build); recipe.json holds the teacher agreement of its samples."""
     recipe = dict(seed=seed, steps=steps, batch=batch, width=width, layers=layers, patch=patch, lr=lr, ema=ema,
                   guidance=guidance, sample_steps=sample_steps, judge_per_class=judge_per_class,
-                  vae=common.digits_vae(seed, vae_steps, verbose=verbose))
+                  vae=os.path.basename(common.digits_vae(seed, vae_steps, verbose=verbose)))  # keys never hold $DD_CACHE
     return common.cached_build("digits_dit", recipe, _train_digits_dit, verbose)
 
 
@@ -350,7 +350,7 @@ def _train_digits_dit(out, seed, steps, batch, width, layers, patch, lr, ema, gu
     import copy
     from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiTPipeline, DiTTransformer2DModel
     common.digits_teacher("conv3", verbose=False)  # the judge of the samples
-    vae = AutoencoderKL.from_pretrained(vae).eval()
+    vae = AutoencoderKL.from_pretrained(os.path.join(common.cache_dir(), "generators", vae)).eval()  # a name, or a path
     x, y = common.digits_split("train")
     with torch.no_grad():
         post = vae.encode(x * 2 - 1).latent_dist

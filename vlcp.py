@@ -76,7 +76,8 @@ PRESETS = {
                    eval_protocol="rded",
                    # not published, our choice: our digits SD (common.digits_sd) and computed captions (digit_caption),
                    # 32 px latents, a fine-tuning rate that moves the small model, no flip (a flipped digit is another shape)
-                   model=common.DIGITS_SD, captioner=COMPUTED, size=32, ft_lr=1e-4, ft_flip=False),
+                   model=common.DIGITS_SD, captioner=COMPUTED, size=32, ft_lr=1e-4, ft_flip=False,
+                   finetune_epochs=2, grad_accum=1),  # 90 steps of 32: minutes on a CPU
     "cifar10": dict(ft_res=32, threshold=0.3, contamination=0.0, out_size=32,  # run_cifar10.sh
                     eval_protocol="rded"),
     "cifar100": dict(ft_res=32, threshold=0.2, contamination=0.0, out_size=32,  # cifar100 eval dir names; res assumed
@@ -94,7 +95,7 @@ PRESETS = {
 }
 DEFAULTS = dict(ft_res=512, threshold=0.7, contamination=0.1, out_size=256, eval_protocol="hard",
                 model="stable-diffusion-v1-5/stable-diffusion-v1-5", captioner="llava-hf/llava-1.5-7b-hf",
-                size=512, ft_lr=1e-5, ft_flip=True)  # official: SD 1.5, LLaVA-1.5-7B, train_text_to_image.py
+                size=512, ft_lr=1e-5, ft_flip=True, finetune_epochs=8, grad_accum=4)  # official: SD 1.5, LLaVA-1.5-7B, train_text_to_image.py
 
 QUESTION = ("Describe the physical appearance of the {} in the image.Include details about its shape, "
             "posture, color, and any distinct features.")  # config_produce_llava.py (no space after "image.")
@@ -133,10 +134,10 @@ def parse_args(argv=None):
     g.add_argument("--finetuned", default=None,
                    help="folder of the fine-tuned pipeline: trained if incomplete, loaded if done; default "
                         "$DD_CACHE/vlcp_finetuned/<key>/ (--no-cache: <out>_sd)")
-    g.add_argument("--finetune-epochs", type=int, default=8, help="epochs over (image, caption); 0 skips stage 2")
+    g.add_argument("--finetune-epochs", type=int, default=None, help="epochs over (image, caption); 0 skips stage 2")
     g.add_argument("--ft-res", type=int, default=None, help="fine-tuning resolution (512 ImageNet, 32 CIFAR)")
     g.add_argument("--ft-batch-size", type=int, default=32, help="images per micro-batch (per process)")
-    g.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimiser step (32x4 = 128)")
+    g.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimiser step (32x4 = 128)")
     g.add_argument("--ft-lr", type=float, default=None, help="AdamW learning rate, constant")
     g.add_argument("--ft-flip", action=argparse.BooleanOptionalAction, default=None,
                    help="random horizontal flips while fine-tuning (train_text_to_image.py --random_flip)")
