@@ -2116,7 +2116,8 @@ painting""".split()
 
 def digits_tokenizer(path):
     """A CLIPTokenizer over DIGITS_WORDS (written to `path`): the merges spell each word left to right, so
-    every word, digit and punctuation mark maps to known tokens and never to <|endoftext|>-as-unknown."""
+    every word, digit and punctuation mark maps to known tokens, never to <|endoftext|>-as-unknown; every
+    word of the prompts and captions is one token (two unused words, black and anime, split in known pieces)."""
     from transformers import CLIPTokenizer
     chars = [c for c in map(chr, range(33, 127))]
     vocab, merges = {}, []

@@ -55,8 +55,14 @@ def test_digits_sd_trains_and_loads_with_the_stock_img2img_pipeline(tiny_vae, tm
     assert 0 <= figures["agreement"] <= 100 and [c[0] for c in figures["curve [step, s, cpu_s, agreement]"]] == [2]
     pipe = StableDiffusionImg2ImgPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
     assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.vae_scale_factor == 4
-    for w in common.DIGITS_WORDS + [str(i) for i in range(10)]:  # every prompt and caption word is one token
-        assert pipe.tokenizer.tokenize(w) == [w + "</w>"], w
+    tok = pipe.tokenizer
+    for w in common.DIGITS_WORDS + [str(i) for i in range(10)]:  # every word: known tokens, never the unknown one
+        assert all(t in tok.get_vocab() and t != tok.unk_token for t in tok.tokenize(w)), w
+    import vlcp
+    x, y = common.digits_split("train")
+    used = {w for i in range(50) for w in vlcp.digit_caption(x[i], str(int(y[i])), i).replace(",", "").split()}
+    used |= {w for t in common.DIGITS_TEMPLATES for w in t.format(name="0").split()}
+    assert all(tok.tokenize(w) == [w + "</w>"] for w in used)  # every prompt and caption word is one token
     images = pipe(prompt=["3", "a handwritten digit 8, thin strokes, with two closed loops"],
                   image=torch.zeros(2, 4, 8, 8), negative_prompt=["cartoon, anime, painting"] * 2, strength=0.7,
                   guidance_scale=8.0, num_inference_steps=4, output_type="pt").images
