@@ -2107,7 +2107,7 @@ class IndexedDataset(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------------------------
 DIGITS_SD = "digits-sd"  # the --model name of digits_sd() in d4m.py and vlcp.py
 DIGITS_TEMPLATES = ("{name}", "a handwritten {name}", "the digit {name}", "a handwritten digit {name}")
-# every word the prompts, the computed captions (vlcp.py) and the negative prompt use: one token each
+# every word the prompts, the computed captions (vlcp.py) and the negative prompt use (digits_tokenizer)
 DIGITS_WORDS = """a an the of and with to in on is digit number handwritten written drawn image photo picture
 thin thick medium bold light strokes stroke ink slanted leaning upright straight left right tall short narrow
 wide small large no one two three closed loop loops open round curved black white background cartoon anime
@@ -2119,7 +2119,7 @@ def digits_tokenizer(path):
     every word, digit and punctuation mark maps to known tokens, never to <|endoftext|>-as-unknown; every
     word of the prompts and captions is one token (two unused words, black and anime, split in known pieces)."""
     from transformers import CLIPTokenizer
-    chars = [c for c in map(chr, range(33, 127))]
+    chars = list(map(chr, range(33, 127)))  # printable ASCII: CLIP's byte-level pre-tokeniser keeps them
     vocab, merges = {}, []
     for tok in ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]:
         vocab.setdefault(tok, len(vocab))
@@ -2150,9 +2150,13 @@ def cached_build(kind, recipe, build, verbose=True):
             tmp = f"{path}.tmp{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             t0, c0, load = time.time(), time.process_time(), os.getloadavg()[0]
-            with torch.random.fork_rng():
-                torch.manual_seed(recipe["seed"])
-                figures = build(tmp, **recipe)
+            try:
+                with torch.random.fork_rng():
+                    torch.manual_seed(recipe["seed"])
+                    figures = build(tmp, **recipe)
+            except BaseException:  # interrupted or failed: no half-made folder left behind
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
             figures.update(recipe=recipe, wall_s=round(time.time() - t0, 1), cpu_s=round(time.process_time() - c0, 1),
                            threads=torch.get_num_threads(), load_before=load, versions=package_versions())
             atomic_write_json(os.path.join(tmp, "recipe.json"), figures)
@@ -2248,7 +2252,7 @@ def _train_digits_sd(out, seed, steps, batch, channels, width, prediction, lr, e
                            UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel
     from tqdm import tqdm
-    digits_teacher("conv3", verbose=False)  # the judge of the samples' agreement, trained (seconds) before the clock matters
+    digits_teacher("conv3", verbose=False)  # the judge of the samples' agreement (trained first if not cached)
     tok = digits_tokenizer(os.path.join(out, "tokenizer"))
     vae = AutoencoderKL.from_pretrained(os.path.join(cache_dir(), "generators", vae)).eval()  # a name, or a path
     x, y = digits_split("train")
