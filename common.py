@@ -2560,3 +2560,223 @@ class IndexedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.transform(self.images[i]), int(self.targets[i]), i
+
+
+# ----------------------------------------------------------------------------------------------
+# digits generators trained here (ours, not any paper's weights): an SD-1.x-layout Stable Diffusion
+# for d4m.py and vlcp.py; dmkd.py's DiT reuses its VAE. Cached like the digits teachers.
+# ----------------------------------------------------------------------------------------------
+DIGITS_SD = "digits-sd"  # the --model name of digits_sd() in d4m.py and vlcp.py
+DIGITS_TEMPLATES = ("{name}", "a handwritten {name}", "the digit {name}", "a handwritten digit {name}")
+# every word the prompts, the computed captions (vlcp.py) and the negative prompt use (digits_tokenizer)
+DIGITS_WORDS = """a an the of and with to in on is digit number handwritten written drawn image photo picture
+thin thick medium bold light strokes stroke ink slanted leaning upright straight left right tall short narrow
+wide small large no one two three closed loop loops open round curved black white background cartoon anime
+painting""".split()
+
+
+def digits_tokenizer(path):
+    """A CLIPTokenizer over DIGITS_WORDS (written to `path`): the merges spell each word left to right, so
+    every word, digit and punctuation mark maps to known tokens, never to <|endoftext|>-as-unknown; every
+    word of the prompts and captions is one token (two unused words, black and anime, split in known pieces)."""
+    from transformers import CLIPTokenizer
+    chars = list(map(chr, range(33, 127)))  # printable ASCII: CLIP's byte-level pre-tokeniser keeps them
+    vocab, merges = {}, []
+    for tok in ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]:
+        vocab.setdefault(tok, len(vocab))
+    for w in sorted(DIGITS_WORDS, key=len, reverse=True):  # longest first: a shorter word's merges never split it
+        for k in range(1, len(w)):
+            right, end = w[k] + ("</w>" if k == len(w) - 1 else ""), "</w>" if k == len(w) - 1 else ""
+            merges.append(f"{w[:k]} {right}")
+            vocab.setdefault(w[:k + 1] + end, len(vocab))
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(path, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+    return CLIPTokenizer.from_pretrained(path, model_max_length=77)
+
+
+def cached_build(kind, recipe, build, verbose=True):
+    """$DD_CACHE/generators/<kind>_<content_hash(recipe)>: made on first use by build(folder, **recipe) ->
+    quality figures (seeded, under a file lock, in a temporary folder renamed when complete), with
+    recipe.json holding the recipe, those figures and the training time; later calls return the path."""
+    path = os.path.join(cache_dir(), "generators", f"{kind}_{content_hash(recipe)}")
+    if os.path.isfile(os.path.join(path, "recipe.json")):
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.isfile(os.path.join(path, "recipe.json")):
+            tmp = f"{path}.tmp{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            t0, c0, load = time.time(), time.process_time(), os.getloadavg()[0]
+            try:
+                with torch.random.fork_rng():
+                    torch.manual_seed(recipe["seed"])
+                    figures = build(tmp, **recipe)
+            except BaseException:  # interrupted or failed: no half-made folder left behind
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            figures.update(recipe=recipe, wall_s=round(time.time() - t0, 1), cpu_s=round(time.process_time() - c0, 1),
+                           threads=torch.get_num_threads(), load_before=load, versions=package_versions())
+            atomic_write_json(os.path.join(tmp, "recipe.json"), figures)
+            os.rename(tmp, path)
+            if verbose:
+                print(f"trained {kind} in {figures['wall_s']:.0f}s ({figures['cpu_s']:.0f} CPU-s): "
+                      + ", ".join(f"{k} {v}" for k, v in figures.items() if k in ("recon_mse", "agreement")) + f" (cached at {path})")
+    return path
+
+
+def generator_record(path):
+    """For run.json: a generator folder made by cached_build with its recipe, quality figures and training
+    time (recipe.json), or just the name of any other model."""
+    f = os.path.join(str(path), "recipe.json")
+    if not os.path.isfile(f):
+        return {"model": str(path), "trained_here": False}
+    with open(f) as fh:
+        rec = json.load(fh)
+    return {"model": str(path), "trained_here": True, **{k: v for k, v in rec.items() if k != "versions"}}
+
+
+def teacher_agreement(images, labels, arch="conv3", dataset="digits"):
+    """% of generated images ([N,3,H,W] in [0,1]) that the cached digits teacher assigns to the class they were made for."""
+    if dataset != "digits":
+        return None
+    with torch.enable_grad():  # trained on first use, also when called under no_grad
+        teacher = digits_teacher(arch, verbose=False)
+    mean, std = DATASETS[dataset].mean, DATASETS[dataset].std
+    with torch.no_grad():
+        pred = torch.cat([teacher(normalize(x.float(), mean, std)).argmax(1) for x in images.split(256)])
+    return round(100.0 * float((pred == torch.as_tensor(labels)).float().mean()), 2)
+
+
+def digits_vae(seed=0, steps=250, channels=(16, 32, 32), batch=64, lr=2e-3, verbose=True):
+    """An SD-layout AutoencoderKL for digits (32 px <-> 4 x 8 x 8 with three blocks), its scaling_factor
+    set from the measured latent std; trained on first use (tqdm bar) and cached."""
+    return cached_build("digits_vae", dict(seed=seed, steps=steps, channels=list(channels), batch=batch, lr=lr),
+                        _train_digits_vae, verbose)
+
+
+def _train_digits_vae(out, seed, steps, channels, batch, lr):
+    from diffusers import AutoencoderKL
+    from tqdm import tqdm
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * len(channels), block_out_channels=channels,
+                        up_block_types=("UpDecoderBlock2D",) * len(channels), layers_per_block=1,
+                        norm_num_groups=16, latent_channels=4, sample_size=32)
+    x = digits_split("train")[0] * 2 - 1
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    for step in tqdm(range(steps), desc="digits VAE", unit="step"):
+        xb = x[torch.randint(len(x), (batch,), generator=g)]
+        post = vae.encode(xb).latent_dist
+        loss = F.mse_loss(vae.decode(post.sample(g)).sample, xb) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    vae.eval()
+    with torch.no_grad():
+        std = float(vae.encode(x).latent_dist.mean.std())
+        xt = digits_split("test")[0] * 2 - 1
+        recon = float(F.mse_loss(vae.decode(vae.encode(xt).latent_dist.mean).sample, xt))
+    vae.register_to_config(scaling_factor=round(1 / std, 5))
+    vae.save_pretrained(out)
+    return {"recon_mse": round(recon, 5), "latent_std": round(std, 4)}
+
+
+def ema_update(ema, model, step, decay):
+    """ema <- d ema + (1 - d) model with the warm-up d = min(decay, (1 + step) / (10 + step)) (diffusers' EMAModel)."""
+    d = min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p, 1 - d)
+
+
+def digits_sd(seed=0, steps=600, batch=32, channels=(32, 64), width=64, prediction="v_prediction", lr=1e-3,
+              ema=0.995, guidance=3.0, curve_every=200, judge_per_class=10, vae_steps=250, verbose=True):
+    """A text-conditioned SD-1.x folder for digits that StableDiffusion(Img2Img)Pipeline.from_pretrained loads:
+    digits_vae, a small CLIP text encoder over DIGITS_WORDS trained jointly with the UNet (class-name prompts
+    in DIGITS_TEMPLATES, 10% dropped to "" or the negative prompt for classifier-free guidance), EMA, SD's
+    scaled-linear schedule; recipe.json holds the agreement of its samples with the digits teacher."""
+    recipe = dict(seed=seed, steps=steps, batch=batch, channels=list(channels), width=width, prediction=prediction,
+                  lr=lr, ema=ema, guidance=guidance, curve_every=curve_every,
+                  vae=os.path.basename(digits_vae(seed, vae_steps, verbose=verbose)))  # a name: keys never hold $DD_CACHE
+    if judge_per_class != 10:
+        recipe["judge_per_class"] = judge_per_class
+    return cached_build("digits_sd", recipe, _train_digits_sd, verbose)
+
+
+def _train_digits_sd(out, seed, steps, batch, channels, width, prediction, lr, ema, guidance, curve_every, vae,
+                     judge_per_class=10):
+    import copy
+    from diffusers import (AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel
+    from tqdm import tqdm
+    digits_teacher("conv3", verbose=False)  # the judge of the samples' agreement (trained first if not cached)
+    tok = digits_tokenizer(os.path.join(out, "tokenizer"))
+    vae = AutoencoderKL.from_pretrained(os.path.join(cache_dir(), "generators", vae)).eval()  # a name, or a path
+    x, y = digits_split("train")
+    with torch.no_grad():
+        post = vae.encode(x * 2 - 1).latent_dist
+    sf = vae.config.scaling_factor
+    names = [c["name"] for c in class_list("digits")]
+    prompts = [[t.format(name=n) for t in DIGITS_TEMPLATES] for n in names] + [["", "cartoon, anime, painting"]]
+    ids = {p: tok(p, padding="max_length", max_length=77, return_tensors="pt").input_ids[0] for row in prompts for p in row}
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width,
+                                        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                                        projection_dim=width, bos_token_id=tok.bos_token_id,
+                                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    n = len(channels)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=channels,
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D",) * n,
+                                up_block_types=("CrossAttnUpBlock2D",) * n, cross_attention_dim=width,
+                                attention_head_dim=8, norm_num_groups=16)
+    sd = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+              prediction_type=prediction)  # SD 1.x's schedule
+    noise_sched = DDPMScheduler(**sd, clip_sample=False)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=copy.deepcopy(text), tokenizer=tok, unet=copy.deepcopy(unet),
+                                   scheduler=PNDMScheduler(**sd, skip_prk_steps=True, steps_offset=1,
+                                                           set_alpha_to_one=False, timestep_spacing="leading"),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
+    g = torch.Generator().manual_seed(seed)
+    t0, c0, curve = time.time(), time.process_time(), []
+    for step in tqdm(range(steps), desc="digits SD", unit="step"):
+        idx = torch.randint(len(y), (batch,), generator=g)
+        z = (post.mean[idx] + post.std[idx] * torch.randn(post.mean[idx].shape, generator=g)) * sf
+        row = y[idx].clone()
+        row[torch.rand(batch, generator=g) < 0.1] = len(names)  # classifier-free-guidance dropout
+        col = torch.randint(0, len(DIGITS_TEMPLATES), (batch,), generator=g) % torch.tensor([len(prompts[r]) for r in row])
+        cond = text(torch.stack([ids[prompts[r][c]] for r, c in zip(row.tolist(), col.tolist())]))[0]
+        noise = torch.randn(z.shape, generator=g)
+        t = torch.randint(0, 1000, (batch,), generator=g)
+        target = noise if prediction == "epsilon" else noise_sched.get_velocity(z, noise, t)
+        loss = F.mse_loss(unet(noise_sched.add_noise(z, noise, t), t, cond).sample, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        ema_update(pipe.unet, unet, step, ema)
+        ema_update(pipe.text_encoder, text, step, ema)
+        if (curve_every and (step + 1) % curve_every == 0) or step + 1 == steps:
+            agree = digits_sd_agreement(pipe, guidance, judge_per_class)
+            curve.append([step + 1, round(time.time() - t0), round(time.process_time() - c0), agree])
+            tqdm.write(f"  step {step + 1}: {curve[-1][1]} s, {curve[-1][2]} CPU-s, teacher agreement {agree}%")
+    pipe.save_pretrained(out)
+    return {"agreement": curve[-1][-1], "agreement_guidance": guidance, "curve [step, s, cpu_s, agreement]": curve}
+
+
+@torch.no_grad()
+def digits_sd_agreement(pipe, guidance, per_class=10, steps=50, seed=0):
+    """Teacher agreement of text-to-image samples, `per_class` per digit, prompted with the class name."""
+    names = [c["name"] for c in class_list("digits")]
+    prompts = [n for n in names for _ in range(per_class)]
+    g = [torch.Generator().manual_seed(seed * 100003 + i) for i in range(len(prompts))]
+    images = pipe(prompts, negative_prompt=["cartoon, anime, painting"] * len(prompts), guidance_scale=guidance,
+                  num_inference_steps=steps, generator=g, output_type="pt").images
+    return teacher_agreement(images, torch.arange(10).repeat_interleave(per_class))

@@ -12,8 +12,12 @@ Pipeline (one stage each in main()):
   4. training-time matching (TTM): FKD soft labels of a teacher stored per epoch (D4M:matching/utils_fkd.py:L199-237);
   5. --eval: validate_fkd.py with the stored labels (fkd protocol, D4M:validate/train_FKD.sh) or online ones (rded).
 
-Runs (the digits run needs no download: it uses a tiny random SD folder, so its images are noise):
-  uv run python -m tests.tiny_models /tmp/tiny --only sd
+Runs (digits needs no download: `--model digits-sd`, its default, is our small Stable Diffusion trained on the
+digits train split on first use and cached under $DD_CACHE/generators, not the paper's weights; docs/d4m.md):
+  uv run python d4m.py
+      -> trains or loads the digits SD, writes runs/d4m_digits_ipc10, prints the digits teacher's agreement
+         with the intended classes, and evaluates (fkd protocol)
+  uv run python -m tests.tiny_models /tmp/tiny --only sd   # a tiny random SD: checks the plumbing, images are noise
   uv run python d4m.py --model /tmp/tiny/sd --size 64 --steps 4 --ttm-epochs 2 --eval --eval-epochs 2
       -> writes runs/d4m_digits_ipc10 (10 classes x 10 PNGs at 32 px, prototypes.pt, fkd_*.pt) and prints
          "d4m: digits IPC 10 -> runs/d4m_digits_ipc10 | top-1 distilled ... vs random real ... | ..." (the students
@@ -71,12 +75,15 @@ PRESETS = {
         "teacher": "conv3",  # official issue #7: ConvNet-W128 teacher for CIFAR (depth 3: our choice)
     },
     "digits": {
+        "model": "digits-sd",  # not published: our digits Stable Diffusion, trained here on first use (common.digits_sd)
+        "size": 32,  # the digits resolution: 4 x 8 x 8 latents with the digits VAE
         "teacher": "conv3",  # not published: the collection's cached digits teacher
         "ttm_epochs": 30,  # not published: our choice for a CPU-sized run
         "ttm_batch_size": 100,  # not published: our choice (= the whole IPC10 set)
     },
 }
 DEFAULTS = {
+    "model": "stable-diffusion-v1-5/stable-diffusion-v1-5",  # official: SD v1.5 (D4M:distillation/gen_prototype.py:L123)
     "size": 512,  # official gen_prototype.py --size default (D4M:distillation/dataset_utils.py:L18-21)
     "km_expand": 10,  # official gen_prototype.py --km_expand default (D4M:distillation/gen_prototype.py)
     "kmeans": "minibatch",  # official gen_prototype.py (D4M:distillation/gen_prototype.py)
@@ -93,8 +100,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + "\n\nDigits needs a generator: its time is the generator's (README 'How long it takes').", formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_generic_args(p, ipc=10, out="runs/d4m_<dataset>_ipc<ipc>")
     g = p.add_argument_group("generator (Stable Diffusion, D4M:distillation/gen_prototype.py:L123)")
-    g.add_argument("--model", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
-                   help="hub id or local folder of a Stable Diffusion v1.x checkpoint (diffusers layout)")
+    g.add_argument("--model", default=None,
+                   help="hub id or local folder of a Stable Diffusion v1.x checkpoint (diffusers layout); 'digits-sd': "
+                        "our small SD trained on the digits train split on first use and cached under $DD_CACHE/generators "
+                        "(not the paper's weights; docs/d4m.md)")
     g.add_argument("--scheduler", default=None, choices=("pndm", "ddim", "dpm"),
                    help="sampler; default: the checkpoint's own (PNDM for SD v1.5, as the paper)")
     g.add_argument("--size", type=int, default=None, help="images are squashed to size x size before encoding (D4M:distillation/dataset_utils.py:L18-21)")
@@ -169,7 +178,8 @@ def load_generator(args, device):
     from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler,
                            StableDiffusionImg2ImgPipeline)
     dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
-    pipe = common.hub_from_pretrained(StableDiffusionImg2ImgPipeline, args.model, "--model", dtype=dtype,
+    model = common.digits_sd() if args.model == common.DIGITS_SD else args.model
+    pipe = common.hub_from_pretrained(StableDiffusionImg2ImgPipeline, model, "--model", dtype=dtype,
                                       safety_checker=None, requires_safety_checker=False,
                                       low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None)
     if args.scheduler:
@@ -302,6 +312,7 @@ def main(argv=None):
                         extra_artefacts=("prototypes.pt", ".prototypes"),
                         ignore=ignore)
     run.record.update({"prompts": prompts, "scheduler": type(pipe.scheduler).__name__, "out_size": out_size,
+                       "generator": common.generator_record(pipe.name_or_path),
                        "latent_shape": [pipe.vae.config.latent_channels, args.size // factor, args.size // factor]})
     mine = common.shard(range(len(classes)), d.rank, d.world)
     print(f"d4m {args.dataset}: {len(classes)} classes ({len(mine)} on rank {d.rank}), model {args.model}, "
@@ -381,6 +392,12 @@ def main(argv=None):
                     run.write_class(c, torch.stack(pending.pop(c)))
     del pipe
     common.barrier()
+    if d.main and args.dataset == "digits":  # the first check of a generator: does the teacher see the intended class?
+        images, labels = common.load_image_set(args.out, classes)
+        agreement = common.teacher_agreement(images.float() / 255, labels, args.teacher)
+        run.record["teacher_agreement"] = agreement
+        print(f"teacher agreement: the digits teacher {args.teacher} assigns {agreement:.1f}% of the {len(labels)} "
+              f"generated images to the class they were made for")
 
     # --- stage 4: training-time matching (TTM), FKD soft labels stored per epoch (D4M:matching/utils_fkd.py:L199-237) ---
     if args.ttm_epochs:

@@ -9,6 +9,9 @@ Stage 1 samples `--ipc` images per class from DiT-XL/2 (class ids = the ImageNet
 classes), stage 2 trains a student from scratch on those images only, with the teacher's soft labels
 computed online (KL * T^2), and reports its top-1 on the real validation set.
 
+    # digits, both stages, with our class-conditional DiT trained on the digits train split on first use
+    # (--model digits-dit, the digits default; not the paper's weights; docs/dmkd.md)
+    uv run python dmkd.py
     # digits (the embedded data set), both stages, with a local DiT folder (`uv run python -m tests.tiny_models
     # /tmp/tiny` makes a random one whose images are noise: the student stays at chance; a real one works the same)
     uv run python dmkd.py --model /tmp/tiny/dit --steps 4 --out runs/dmkd_digits
@@ -96,9 +99,10 @@ PRESETS = {
     # not published: our choice, small enough for CPU minutes; lr 0.02 as the official small students
     # (with the T^2 = 16 gradient scale: 6 epochs on noised digits gave 28 % at lr 0.1, 88 % at 0.02)
     "digits": dict(crop="pad", teacher="conv3", student="conv3", ipc=20, epochs=30, batch_size=64,
-                   lr=0.02, weight_decay=5e-4, milestones="20,25", temperature=4.0, eval_every=5),
+                   lr=0.02, weight_decay=5e-4, milestones="20,25", temperature=4.0, eval_every=5,
+                   model="digits-dit"),  # our digits DiT (digits_dit), trained here on first use
 }
-DEFAULTS = dict(fidelity="low", per_seed=10, gen_batch=32, aug="none")
+DEFAULTS = dict(fidelity="low", per_seed=10, gen_batch=32, aug="none", model="facebook/DiT-XL-2-256")
 MIX_ALPHA = {"mixup": 0.4, "cutmix": 0.25, "none": 0.0}  # helper/loops.py
 # DM-KD normalises CIFAR-100 with its own statistics (dataset/cifar100.py:81-108), as every standard
 # CIFAR-100 teacher was trained (common.py keeps the CIFAR-10 constants that SRe2L/RDED/DELT use)
@@ -116,7 +120,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("synthesis (Sec. 3.1, AIGC_generate.py)")
     g.add_argument("--images-per-class", dest="ipc", type=int, default=argparse.SUPPRESS,
                    help="alias of --ipc: synthetic images per class (official: 200)")
-    g.add_argument("--model", default="facebook/DiT-XL-2-256", help="DiTPipeline hub id or local folder")
+    g.add_argument("--model", default=None, help="DiTPipeline hub id or local folder; 'digits-dit': our small "
+                   "class-conditional DiT trained on the digits train split on first use (not the paper's weights)")
     g.add_argument("--vae", default=None, help="optional AutoencoderKL folder or hub id replacing the pipeline's VAE "
                    "(the official script uses stabilityai/sd-vae-ft-mse)")
     g.add_argument("--class-map", default=None, help="JSON file {class index or name: ImageNet id or list of ids}, "
@@ -124,10 +129,10 @@ def parse_args(argv=None):
     g.add_argument("--fidelity", choices=list(FIDELITY), default=None, help="low: s=2, T=100 (paper); high: s=4, T=250")
     g.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance s (overrides --fidelity)")
     g.add_argument("--steps", type=int, default=None, help="sampling steps T (overrides --fidelity)")
-    g.add_argument("--scheduler", default="dit", choices=("dit", "default", "ddim", "ddpm", "dpm"),
-                   help="dit: ancestral DDPM with the learned variance (official); default: the checkpoint's")
-    g.add_argument("--cfg-channels", type=int, default=3, choices=(3, 4),
-                   help="latent channels that get guidance: 3 as DiT's forward_with_cfg, 4 as diffusers")
+    g.add_argument("--scheduler", default=None, choices=("dit", "default", "ddim", "ddpm", "dpm"),
+                   help="dit: ancestral DDPM with the learned variance (official; the default, except 'default' for digits-dit); default: the checkpoint's")
+    g.add_argument("--cfg-channels", type=int, default=None, choices=(3, 4),
+                   help="latent channels that get guidance: 3 as DiT's forward_with_cfg (the default), 4 as diffusers (digits-dit's default)")
     g.add_argument("--per-seed", type=int, default=None, help="images per class drawn from one seed (official 10)")
     g.add_argument("--per-class-seed", action="store_true",
                    help="give every class its own noise (official: the same noise for all classes at a seed)")
@@ -169,6 +174,9 @@ def parse_args(argv=None):
     lr_given = args.lr is not None
     common.apply_presets(args, PRESETS, DEFAULTS)
     common.eval_on(args)
+    ours = args.model == DIGITS_DIT  # no learned variance: its own DDIM scheduler; trained with guidance on all 4 channels
+    args.scheduler = args.scheduler or ("default" if ours else "dit")
+    args.cfg_channels = args.cfg_channels or (4 if ours else 3)
     if not lr_given and args.dataset.startswith("cifar") and args.student in SMALL_LR_STUDENTS:
         args.lr = 0.02
     s, t = FIDELITY[args.fidelity]
@@ -334,6 +342,74 @@ def synthesize(pipe, jobs, args, resolution):
 
 
 # --------------------------------------------------------------------------------------------------
+# the digits DiT: ours, trained here on first use (no DiT knows digits; not the paper's weights)
+# --------------------------------------------------------------------------------------------------
+DIGITS_DIT = "digits-dit"  # the --model name of digits_dit()
+
+
+def digits_dit(seed=0, steps=1500, batch=64, width=96, layers=4, patch=2, lr=5e-4, ema=0.995, guidance=2.0,
+               sample_steps=100, judge_per_class=10, vae_steps=250, verbose=True):
+    """A class-conditional DiTPipeline folder for digits: DiTTransformer2DModel (ada-norm-zero over
+    num_embeds_ada_norm=1000 classes, as DiTPipeline's null class is 1000; digits use ids 0-9) on the
+    latents of common.digits_vae, v-prediction, 10% of labels dropped to 1000 for classifier-free
+    guidance, EMA, DiT's linear betas with a DDIM scheduler, id2label "0".."9". Cached like the digits
+    teachers (common.cached_build); recipe.json holds the teacher agreement of its samples."""
+    recipe = dict(seed=seed, steps=steps, batch=batch, width=width, layers=layers, patch=patch, lr=lr, ema=ema,
+                  guidance=guidance, sample_steps=sample_steps, judge_per_class=judge_per_class,
+                  vae=os.path.basename(common.digits_vae(seed, vae_steps, verbose=verbose)))  # keys never hold $DD_CACHE
+    return common.cached_build("digits_dit", recipe, _train_digits_dit, verbose)
+
+
+def _train_digits_dit(out, seed, steps, batch, width, layers, patch, lr, ema, guidance, sample_steps,
+                      judge_per_class, vae):
+    import copy
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiTPipeline, DiTTransformer2DModel
+    common.digits_teacher("conv3", verbose=False)  # the judge of the samples
+    vae = AutoencoderKL.from_pretrained(os.path.join(common.cache_dir(), "generators", vae)).eval()  # a name, or a path
+    x, y = common.digits_split("train")
+    with torch.no_grad():
+        post = vae.encode(x * 2 - 1).latent_dist
+    sf = vae.config.scaling_factor
+    model = DiTTransformer2DModel(num_attention_heads=4, attention_head_dim=width // 4, in_channels=4, out_channels=4,
+                                  num_layers=layers, sample_size=post.mean.shape[-1], patch_size=patch,
+                                  num_embeds_ada_norm=1000, norm_type="ada_norm_zero")
+    betas = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                 prediction_type="v_prediction", clip_sample=False)  # DiT's schedule
+    noise_sched = DDPMScheduler(**betas)
+    id2label = {i: str(i) for i in range(10)}
+    pipe = DiTPipeline(transformer=copy.deepcopy(model), vae=vae, scheduler=DDIMScheduler(**betas), id2label=id2label)
+    pipe.register_to_config(id2label=id2label)  # from_pretrained passes it back to __init__
+    pipe.set_progress_bar_config(disable=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
+    g = torch.Generator().manual_seed(seed)
+    t0, c0, curve = time.time(), time.process_time(), []
+    for step in tqdm(range(steps), desc="digits DiT", unit="step"):
+        idx = torch.randint(len(y), (batch,), generator=g)
+        z = (post.mean[idx] + post.std[idx] * torch.randn(post.mean[idx].shape, generator=g)) * sf
+        labels = torch.where(torch.rand(batch, generator=g) < 0.1, 1000, y[idx])  # classifier-free-guidance dropout
+        noise = torch.randn(z.shape, generator=g)
+        t = torch.randint(0, 1000, (batch,), generator=g)
+        pred = model(noise_sched.add_noise(z, noise, t), timestep=t, class_labels=labels).sample
+        loss = F.mse_loss(pred, noise_sched.get_velocity(z, noise, t))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        warm.step()
+        common.ema_update(pipe.transformer, model, step, ema)
+        if step + 1 == steps or (step + 1) % 500 == 0:
+            n = judge_per_class
+            images = sample_dit(pipe, [c for c in range(10) for _ in range(n)], list(range(10 * n)), guidance,
+                                sample_steps, cfg_channels=4)
+            curve.append([step + 1, round(time.time() - t0), round(time.process_time() - c0),
+                          common.teacher_agreement(images, torch.arange(10).repeat_interleave(n))])
+            tqdm.write(f"  step {step + 1}: {curve[-1][1]} s, {curve[-1][2]} CPU-s, teacher agreement {curve[-1][3]}%")
+    pipe.save_pretrained(out)
+    return {"agreement": curve[-1][-1], "agreement_guidance": guidance, "curve [step, s, cpu_s, agreement]": curve}
+
+
+# --------------------------------------------------------------------------------------------------
 # knowledge distillation (train_student.py, distiller_zoo/KD.py)
 # --------------------------------------------------------------------------------------------------
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -396,8 +472,11 @@ def main(argv=None):
     # everything that can fail on bad input fails here, before any output is touched
     if synth:
         common.RunDir.precheck(args.out, args, args.overwrite, KD_FLAGS)  # before the generator or teacher loads
-        ids = class_imagenet_ids(args.dataset, classes, args.class_map)
-        pipe = load_dit(args.model, args.vae, args.scheduler, d.device)
+        ours = args.model == DIGITS_DIT  # its class ids are the digits themselves
+        ids = [[c] for c in range(len(classes))] if ours and args.class_map is None else \
+            class_imagenet_ids(args.dataset, classes, args.class_map)
+        model = digits_dit() if ours else args.model
+        pipe = load_dit(model, args.vae, args.scheduler, d.device)
         n_model = pipe.transformer.config.num_embeds_ada_norm
         if max(max(i) for i in ids) >= n_model:
             raise common.UserError(f"{args.model} knows {n_model} classes; the class map asks for id {max(max(i) for i in ids)}")
@@ -437,6 +516,12 @@ def main(argv=None):
                     run.write_class(c, images[i * args.ipc:(i + 1) * args.ipc])
         mean, std, why = kd_norm(args)  # read back by validate_fkd --preset auto (the teacher's inputs)
         run.record["teacher_norm"] = {"mean": list(mean), "std": list(std), "source": why}
+        if d.main and args.dataset == "digits":  # the first check of a generator: does the teacher see the intended class?
+            images, labels = common.load_image_set(args.out, classes)
+            run.record["teacher_agreement"] = common.teacher_agreement(images.float() / 255, labels, args.teacher)
+            print(f"teacher agreement: the digits teacher {args.teacher} assigns {run.record['teacher_agreement']:.1f}% "
+                  f"of the {len(labels)} generated images to the class they were made for")
+        run.record["generator"] = common.generator_record(model)
         run.record["dit"] = {"model": args.model, "scheduler": pipe.scheduler.__class__.__name__,
                              "scheduler_config": dict(pipe.scheduler.config), "class_ids": ids,
                              "guidance_scale": args.guidance_scale, "steps": args.steps,

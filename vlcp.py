@@ -14,8 +14,12 @@ Stages 1-2 do not depend on IPC: unless --captions/--finetuned/--no-cache say ot
 shared under $DD_CACHE (vlcp_captions/, vlcp_finetuned/), keyed by everything that decides them, so a
 loop over IPC captions and fine-tunes once.
 
-Run (digits first, no weights: the tiny random SD and LLaVA of `uv run python -m tests.tiny_models /tmp/tiny`,
-whose images are noise; real folders or hub ids give the real method):
+Run (digits first, no weights: `uv run python vlcp.py` uses our small Stable Diffusion trained on the digits
+train split on first use (--model digits-sd) and captions COMPUTED from what each image measurably shows
+(--captioner computed: stroke thickness, slant, width, closed loops), not LLaVA's; docs/vlcp.md.
+The tiny random SD and LLaVA of `uv run python -m tests.tiny_models /tmp/tiny` check the LLaVA path;
+their images are noise; real folders or hub ids give the real method):
+  uv run python vlcp.py   # digits IPC 10 -> runs/vlcp_digits_ipc10, teacher agreement, rded evaluation
   uv run python vlcp.py --dataset digits --ipc 10 --out runs/vlcp_digits --model /tmp/tiny/sd \
       --captioner /tmp/tiny/llava --max-per-class 20 --size 64 --ft-res 32 --caption-max-tokens 8 \
       --finetune-epochs 1 --ft-batch-size 4 --grad-accum 1 --ft-max-steps 2 --steps 4
@@ -65,10 +69,15 @@ import common
 T = common.lazy_module("torchvision.transforms.v2")  # imported on first use: --help stays fast
 
 # --- flags ----------------------------------------------------------------------------------------
+COMPUTED = "computed"  # the --captioner name of digit_caption (digits)
 PRESETS = {
     # ft_res: SD fine-tuning resolution; threshold: common-word DF ratio; out_size: saved px
     "digits": dict(ft_res=32, threshold=0.3, contamination=0.0, out_size=32,  # not published: CIFAR-10's values
-                   eval_protocol="rded"),
+                   eval_protocol="rded",
+                   # not published, our choice: our digits SD (common.digits_sd) and computed captions (digit_caption),
+                   # 32 px latents, a fine-tuning rate that moves the small model, no flip (a flipped digit is another shape)
+                   model=common.DIGITS_SD, captioner=COMPUTED, size=32, ft_lr=1e-4, ft_flip=False,
+                   finetune_epochs=2, grad_accum=1),  # 90 steps of 32: minutes on a CPU
     "cifar10": dict(ft_res=32, threshold=0.3, contamination=0.0, out_size=32,  # run_cifar10.sh
                     eval_protocol="rded"),
     "cifar100": dict(ft_res=32, threshold=0.2, contamination=0.0, out_size=32,  # cifar100 eval dir names; res assumed
@@ -84,7 +93,9 @@ PRESETS = {
     "imagenet": dict(ft_res=512, threshold=0.7, contamination=0.1, out_size=224,  # Image1K dir names, gen_syn_image.py L131
                      eval_protocol="rded"),
 }
-DEFAULTS = dict(ft_res=512, threshold=0.7, contamination=0.1, out_size=256, eval_protocol="hard")
+DEFAULTS = dict(ft_res=512, threshold=0.7, contamination=0.1, out_size=256, eval_protocol="hard",
+                model="stable-diffusion-v1-5/stable-diffusion-v1-5", captioner="llava-hf/llava-1.5-7b-hf",
+                size=512, ft_lr=1e-5, ft_flip=True, finetune_epochs=8, grad_accum=4)  # official: SD 1.5, LLaVA-1.5-7B, train_text_to_image.py
 
 QUESTION = ("Describe the physical appearance of the {} in the image.Include details about its shape, "
             "posture, color, and any distinct features.")  # config_produce_llava.py (no space after "image.")
@@ -96,9 +107,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0] + "\n\nDigits needs a generator: its time is the generator's (README 'How long it takes').", formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_generic_args(p, ipc=10, out="runs/vlcp_<dataset>_ipc<ipc>")
     g = p.add_argument_group("models")
-    g.add_argument("--model", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
-                   help="Stable Diffusion 1.x hub id or folder (the official base is benjamin-paine/stable-diffusion-v1-5)")
-    g.add_argument("--captioner", default="llava-hf/llava-1.5-7b-hf", help="LLaVA-1.5 (transformers) hub id or folder")
+    g.add_argument("--model", default=None,
+                   help="Stable Diffusion 1.x hub id or folder (the official base is benjamin-paine/stable-diffusion-v1-5); "
+                        f"'{common.DIGITS_SD}': our small SD trained on the digits train split on first use (not the paper's weights)")
+    g.add_argument("--captioner", default=None,
+                   help=f"LLaVA-1.5 (transformers) hub id or folder; '{COMPUTED}' (digits): captions COMPUTED from what each image "
+                        "measurably shows (stroke thickness, slant, width, closed loops), not LLaVA's (docs/vlcp.md)")
     g.add_argument("--max-per-class", type=int, default=None,
                    help="use only the first N real training images of each class in every stage (quick runs, tests)")
     g.add_argument("--no-cache", dest="cache", action="store_false",
@@ -118,17 +132,19 @@ def parse_args(argv=None):
     g.add_argument("--finetuned", default=None,
                    help="folder of the fine-tuned pipeline: trained if incomplete, loaded if done; default "
                         "$DD_CACHE/vlcp_finetuned/<key>/ (--no-cache: <out>_sd)")
-    g.add_argument("--finetune-epochs", type=int, default=8, help="epochs over (image, caption); 0 skips stage 2")
+    g.add_argument("--finetune-epochs", type=int, default=None, help="epochs over (image, caption); 0 skips stage 2")
     g.add_argument("--ft-res", type=int, default=None, help="fine-tuning resolution (512 ImageNet, 32 CIFAR)")
     g.add_argument("--ft-batch-size", type=int, default=32, help="images per micro-batch (per process)")
-    g.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimiser step (32x4 = 128)")
-    g.add_argument("--ft-lr", type=float, default=1e-5, help="AdamW learning rate, constant")
+    g.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimiser step (32x4 = 128)")
+    g.add_argument("--ft-lr", type=float, default=None, help="AdamW learning rate, constant")
+    g.add_argument("--ft-flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="random horizontal flips while fine-tuning (train_text_to_image.py --random_flip)")
     g.add_argument("--ft-max-steps", type=int, default=None, help="stop after this many optimiser steps")
     g.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay cap (diffusers EMAModel)")
     g.add_argument("--mixed-precision", default="fp16", choices=("fp16", "bf16", "no"), help="on CUDA only")
     g.add_argument("--checkpointing-steps", type=int, default=500, help="save a resumable checkpoint every N steps")
     g = p.add_argument_group("stages 3-4: prototypes (Sec. 3.3, 3.4)")
-    g.add_argument("--size", type=int, default=512, help="real images are squashed to size x size before VAE encoding")
+    g.add_argument("--size", type=int, default=None, help="real images are squashed to size x size before VAE encoding")
     g.add_argument("--encode-batch-size", type=int, default=10, help="images per VAE encode call")
     g.add_argument("--contamination", type=float, default=None, help="LocalOutlierFactor contamination; 0 keeps all")
     g.add_argument("--lof-neighbors", type=int, default=10, help="LocalOutlierFactor n_neighbors")
@@ -232,6 +248,66 @@ def append_captions(path, pairs):
         os.fsync(f.fileno())
 
 
+# digits: no LLaVA can be trained or downloaded here, so each digit's caption is computed from what the
+# image measurably shows (ours, not the paper's): stroke thickness, slant, ink width and closed loops.
+# Thresholds: roughly the terciles of each measure over the digits train split (32 px images).
+CAPTION_VERSION = 1  # part of the captions' cache key: bump when digit_captions changes
+LEADS = ("a handwritten digit", "the digit", "a handwritten", "a written digit")
+
+
+def run_lengths(mask, axis):
+    """For every pixel, the length of the run of ink along `axis` (1: its row, 0: its column) it lies in."""
+    from scipy import ndimage
+    m = mask if axis == 1 else mask.T
+    out = np.zeros(m.shape)
+    for r, row in enumerate(m):
+        lab, n = ndimage.label(row)
+        if n:
+            out[r][lab > 0] = np.bincount(lab[lab > 0])[lab[lab > 0]]
+    return out if axis == 1 else out.T
+
+
+def digit_measures(img, level=0.5):
+    """(stroke thickness px, slant, ink width px, closed loops) of a grey image (H x W in [0,1]): thickness = the
+    median over ink pixels of the shorter of its horizontal and vertical ink runs; slant = d(column)/d(height)
+    of the ink's intensity-weighted second moments (> 0 leans right); loops = background regions
+    (4-connected) that do not touch the border."""
+    from scipy import ndimage
+    m = img > level
+    if not m.any():
+        return 0.0, 0.0, 0, 0
+    thick = float(np.median(np.minimum(run_lengths(m, 1), run_lengths(m, 0))[m]))
+    rows, cols = np.nonzero(m)
+    cov = np.cov(cols.astype(float), -rows.astype(float), aweights=img[m]) if len(rows) > 1 else np.zeros((2, 2))
+    slant = float(cov[0, 1] / cov[1, 1]) if cov[1, 1] > 0 else 0.0
+    lab, n = ndimage.label(~m)
+    border = set(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]).tolist())
+    return thick, slant, int(cols.max() - cols.min() + 1), len(set(range(1, n + 1)) - border)
+
+
+def digit_caption(img, name, seed):
+    """One caption of a digit image ([3,H,W] or [H,W] in [0,1]) from digit_measures; the lead words and
+    the order of the phrases vary with `seed`."""
+    img = np.asarray(img)
+    img = img[0] if img.ndim == 3 else img
+    thick, slant, width, loops = digit_measures(img)
+    scale = img.shape[-1] / 32  # thresholds are in 32 px units
+    phrases = ["thin strokes" if thick <= 6 * scale else "thick strokes" if thick >= 9 * scale else "medium strokes",
+               "slanted left" if slant < -0.1 else "slanted right" if slant > 0.05 else "upright",
+               ["with no closed loop", "with one closed loop", "with two closed loops"][min(loops, 2)]]
+    if width <= 17 * scale or width >= 21 * scale:
+        phrases.append("narrow" if width <= 17 * scale else "wide")
+    rng = np.random.default_rng(seed)
+    rng.shuffle(phrases)
+    return f"{LEADS[rng.integers(len(LEADS))]} {name}, " + ", ".join(phrases)
+
+
+def compute_captions(ds, items, keys, class_names, path, seed):
+    """Stage 1 on digits: digit_caption of every image, appended to `path` in the captions.jsonl format."""
+    append_captions(path, [(keys[i], digit_caption(ds[i][0], class_names[int(ds.targets[i])], seed * 1_000_003 + i))
+                           for i in items])
+
+
 def expand2square(img, color):
     """LLaVA-1.5's image_aspect_ratio='pad': paste the image centred on a square of the mean colour."""
     from PIL import Image
@@ -284,12 +360,12 @@ def caption_images(ds, items, keys, class_names, path, args, device):
 class CaptionedImages(torch.utils.data.Dataset):
     """(image in [-1,1], 77 caption token ids): Resize + CenterCrop + flip, captions truncated as in training."""
 
-    def __init__(self, ds, indices, texts, tokenizer, res):
+    def __init__(self, ds, indices, texts, tokenizer, res, flip=True):
         self.ds, self.indices = ds, indices
         self.ids = tokenizer(texts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
                              return_tensors="pt").input_ids
         self.tf = T.Compose([common.to_tensor(), T.Resize(res, antialias=True), T.CenterCrop(res),
-                             T.RandomHorizontalFlip(), T.Normalize([0.5], [0.5])])
+                             T.RandomHorizontalFlip(0.5 if flip else 0.0), T.Normalize([0.5], [0.5])])
 
     def __len__(self):
         return len(self.indices)
@@ -320,7 +396,7 @@ def finetune_unet(model, ds, indices, texts, out_dir, args, d, settings):
     net = unet
     if d.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(unet, device_ids=[d.local_rank] if cuda else None)
-    data = CaptionedImages(ds, indices, texts, tokenizer, args.ft_res)
+    data = CaptionedImages(ds, indices, texts, tokenizer, args.ft_res, args.ft_flip)
     micro_per_epoch = math.ceil(len(shard_of(range(len(data)), d)) / args.ft_batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / args.grad_accum)
     total = args.finetune_epochs * steps_per_epoch
@@ -556,6 +632,8 @@ def main(argv=None):
         raise common.UserError(f"--ipc {args.ipc} must be >= 1 and <= --max-per-class {args.max_per_class}")
     if args.eval and not os.path.isfile(os.path.join(common.ROOT, "validate_fkd.py")):
         raise common.UserError("validate_fkd.py is missing next to vlcp.py; --eval needs it")
+    if args.captioner == COMPUTED and args.dataset != "digits":
+        raise common.UserError(f"--captioner {COMPUTED} measures digit strokes: it is for --dataset digits only")
     ignore = ("caption_batch_size", "encode_batch_size", "synth_batch_size", "checkpointing_steps", "eval_teacher_path",
               "cache")
     common.RunDir.precheck(args.out, args, args.overwrite, ignore)  # before any model is looked up, loaded or trained
@@ -577,7 +655,8 @@ def main(argv=None):
         # the captions depend on the images, the captioner, its prompt and sampling, not on IPC (nor on
         # the number of processes: whole batches go to ranks), so a loop over IPC captions once
         try:
-            captioner_files = common.model_files_hash(args.captioner, "--captioner")
+            captioner_files = (f"vlcp.digit_caption v{CAPTION_VERSION}" if args.captioner == COMPUTED
+                               else common.model_files_hash(args.captioner, "--captioner"))
         except common.UserError as e:
             raise common.UserError(f"{e}; the shared captions are keyed by the captioner's files (pass --captions "
                                    f"FILE to use a captions file without it)") from e
@@ -596,7 +675,7 @@ def main(argv=None):
     else:
         known = read_captions(captions_path) if os.path.isfile(captions_path) else {}
     uncaptioned = [i for i in selected if keys[i] not in known]
-    if uncaptioned:
+    if uncaptioned and args.captioner != COMPUTED:
         try:
             common.hub_check(args.captioner, "--captioner")
         except common.UserError as e:
@@ -606,6 +685,8 @@ def main(argv=None):
                                    f"training images (the first: {keys[uncaptioned[0]]}) and the captioner that would "
                                    f"caption them cannot be loaded: pass a complete file, or a LLaVA folder with "
                                    f"--captioner") from e
+    if args.model == common.DIGITS_SD:  # trained on first use (minutes), loaded from $DD_CACHE after
+        args.model = common.digits_sd()
     if not all(os.path.isdir(os.path.join(args.out, f"{c:05d}")) and len(os.listdir(os.path.join(args.out, f"{c:05d}")))
                >= args.ipc for c in range(len(classes))):
         common.hub_check(args.model, "--model", "model_index.json")
@@ -613,7 +694,7 @@ def main(argv=None):
     shared_ft = args.finetune_epochs > 0 and args.cache and not args.finetuned  # folder named in stage 2
     base_files = common.model_files_hash(args.model, "--model", "model_index.json", SD_PARTS) if shared_ft else None
     ft_settings = {k: getattr(args, k) for k in ("model", "dataset", "max_per_class", "finetune_epochs", "ft_res",
-                                                 "ft_batch_size", "grad_accum", "ft_lr", "ft_max_steps", "ema_decay",
+                                                 "ft_batch_size", "grad_accum", "ft_lr", "ft_flip", "ft_max_steps", "ema_decay",
                                                  "mixed_precision", "seed")}
     ft_record = os.path.join(ft_dir, "vlcp_finetune.json")
     if args.finetune_epochs > 0 and not shared_ft and os.path.exists(ft_dir):
@@ -653,7 +734,11 @@ def main(argv=None):
             # single process would caption: the captions do not depend on the number of processes
             bs = args.caption_batch_size
             batches = [missing[i:i + bs] for i in range(0, len(missing), bs)]
-            caption_images(train, [i for b in shard_of(batches, d) for i in b], keys, names, part, args, d.device)
+            mine = [i for b in shard_of(batches, d) for i in b]
+            if args.captioner == COMPUTED:
+                compute_captions(train, mine, keys, names, part, args.seed)
+            else:
+                caption_images(train, mine, keys, names, part, args, d.device)
             common.barrier()
             if d.main and d.world > 1:
                 for r in range(d.world):
@@ -665,7 +750,11 @@ def main(argv=None):
         else:
             print(f"captions: reusing {captions_path} (all {len(selected)} images captioned)")
     run.record["captions"] = {"path": os.path.abspath(captions_path), "reused": not missing, "images": len(selected),
-                              "generated": len(missing)}
+                              "generated": len(missing), "captioner": args.captioner}
+    if args.captioner == COMPUTED:
+        run.record["captions"]["note"] = ("computed from what each image measurably shows (vlcp.digit_caption: stroke "
+                                          "thickness, slant, width, closed loops), not LLaVA's")
+    run.record["generator"] = common.generator_record(args.model)
 
     # --- stage 2: fine-tune the SD UNet on (image, caption) (Sec. 3.2) ---
     sd_path, run.record["finetuned"] = args.model, None
@@ -775,6 +864,12 @@ def main(argv=None):
         if all(run.class_complete(c, args.ipc) for c in range(len(classes))):
             shutil.rmtree(proto_dir, ignore_errors=True)
     n_images = len(classes) * args.ipc
+    if d.main and args.dataset == "digits":  # the first check of a generator: does the teacher see the intended class?
+        images, labels = common.load_image_set(args.out, classes)
+        agreement = common.teacher_agreement(images.float() / 255, labels)
+        run.record["teacher_agreement"] = agreement
+        print(f"teacher agreement: the digits teacher conv3 assigns {agreement:.1f}% of the {len(labels)} generated "
+              f"images to the class they were made for")
     run.finish(device=d.device, images=n_images, seconds=round(time.time() - t_start, 1))
 
     # --- stage 6: evaluation (Sec. 3.6 Minimax = hard labels, Sec. 3.7 RDED) ---

@@ -1,8 +1,8 @@
 """Top-1 against IPC on digits for every method and for random real images, one protocol for all.
 
-For each method and IPC it runs the method's digits recipe (no weights needed: D4M, VLCP and DM-KD use
-the tiny random generator folders of `uv run python -m tests.tiny_models`, so their images are noise
-and their rows measure the pipeline, not the paper), evaluates the set with validate_fkd.py under one
+For each method and IPC it runs the method's digits recipe (no weights needed: D4M and VLCP use the digits
+Stable Diffusion, DM-KD the digits DiT, trained here on first use; with --tiny-models DIR they use the tiny
+random generator folders of `uv run python -m tests.tiny_models` instead, whose images are noise), evaluates the set with validate_fkd.py under one
 protocol, and prints a markdown table with the device and thread count. It also draws the plot
 docs/img/digits_top1_vs_ipc.png (needs the optional extra: `uv sync --extra plots`) and one grid per
 method, docs/img/<method>_digits.png (first classes, first images). Every (method, IPC) result is
@@ -23,8 +23,9 @@ sys.path.insert(0, ROOT)
 import common  # noqa: E402
 
 METHODS = ("random", "delt", "infer_ufc", "d4m", "vlcp", "dmkd")
-LABELS = {"random": "random real", "delt": "DELT", "infer_ufc": "INFER", "d4m": "D4M (tiny random SD)",
-          "vlcp": "VLCP (tiny random SD + LLaVA)", "dmkd": "DM-KD (tiny random DiT)"}
+LABELS = {"random": "random real", "delt": "DELT", "infer_ufc": "INFER", "d4m": "D4M (digits SD)",
+          "vlcp": "VLCP (digits SD, computed captions)", "dmkd": "DM-KD (digits DiT)"}
+TINY_LABELS = {"d4m": "D4M (tiny random SD)", "vlcp": "VLCP (tiny random SD + LLaVA)", "dmkd": "DM-KD (tiny random DiT)"}
 
 
 def method_command(method, ipc, out, tiny, quick):
@@ -35,6 +36,9 @@ def method_command(method, ipc, out, tiny, quick):
             ["--iterations", "20", "--round-itr", "10"] if quick else [])
     if method == "infer_ufc":
         return py + ["infer_ufc.py", "--ipc", str(ipc), "--out", out, "--no-eval"] + (["--iterations", "5"] if quick else [])
+    if method in ("d4m", "vlcp", "dmkd") and tiny is None:  # the generators trained here, the scripts' defaults
+        return py + {"d4m": ["d4m.py", "--ttm-epochs", "0", "--no-eval"], "vlcp": ["vlcp.py", "--no-eval"],
+                     "dmkd": ["dmkd.py", "--stage", "synthesize", "--no-eval"]}[method] + ["--ipc", str(ipc), "--out", out]
     if method == "d4m":
         return py + ["d4m.py", "--model", os.path.join(tiny, "sd"), "--size", "64", "--steps", "4", "--ipc", str(ipc),
                      "--ttm-epochs", "0", "--workers", "0", "--out", out, "--no-eval"]
@@ -92,7 +96,8 @@ def main(argv=None):
                         "script, the figures mean nothing")
     g.add_argument("--work", default="runs/digits_results", help="folder of the sets, eval json and logs (the cache)")
     g.add_argument("--tiny-models", default=None,
-                   help="folder with sd/, dit/, llava/ from `python -m tests.tiny_models` (default: <work>/tiny, built once)")
+                   help="D4M, VLCP and DM-KD on the tiny random sd/, dit/, llava/ of `python -m tests.tiny_models DIR` "
+                        "(built there if missing) instead of the generators trained here")
     g = p.add_argument_group("evaluation (validate_fkd.py, the same for every set)")
     g.add_argument("--protocol", default="rded", choices=("rded", "fkd", "static", "hard"),
                    help="label protocol for every set and for random real")
@@ -110,8 +115,10 @@ def main(argv=None):
     work = os.path.abspath(args.work)
     os.makedirs(work, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    tiny = args.tiny_models or os.path.join(work, "tiny")
-    if any(m in ("d4m", "vlcp", "dmkd") for m in args.methods) and not os.path.isdir(os.path.join(tiny, "llava")):
+    tiny = args.tiny_models
+    if tiny:
+        LABELS.update(TINY_LABELS)
+    if tiny and any(m in ("d4m", "vlcp", "dmkd") for m in args.methods) and not os.path.isdir(os.path.join(tiny, "llava")):
         run([sys.executable, "-m", "tests.tiny_models", tiny], env, os.path.join(work, "tiny_models.log"))
     # one recipe for every set and for random real: no method's own evaluation preset (--preset none)
     eval_flags = ["--protocol", args.protocol, "--preset", "none", "--repeats", str(args.repeats)]
