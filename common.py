@@ -1528,15 +1528,7 @@ class RunDir:
         if old is not None and old.get("identity") != self.identity:
             failed_start = old.get("status") == "running" and not old.get("stages") and self._holds_no_work()
             if not overwrite and not failed_start:
-                diff = sorted(k for k in set(old.get("identity", {})) | set(self.identity)
-                              if old.get("identity", {}).get(k) != self.identity.get(k))
-                was = old.get("identity", {}).get("precision")
-                if diff == ["precision"] and was in ("fp32", "bf16"):  # e.g. started on the CPU (fp32), resumed on a GPU (bf16)
-                    raise UserError(f"{out} was made with --precision {was} and this run resolves to "
-                                    f"{self.identity.get('precision')}: pass --precision {was} to resume it without "
-                                    f"mixing arithmetics, or --overwrite to start again")
-                raise UserError(f"{out} holds a different run (differs in {', '.join(diff[:5]) or 'its record'}); "
-                                f"pass --overwrite to replace it or choose another --out")
+                raise self.different_run(out, old.get("identity"), self.identity)
             if rank == 0:
                 if failed_start and not overwrite:
                     print(f"note: {out} holds only the record of an unfinished start that did no work; replacing it")
@@ -1580,13 +1572,23 @@ class RunDir:
         if old is not None and old.get("identity") != identity:
             if old.get("status") == "running" and not old.get("stages") and probe._holds_no_work():
                 return  # an unfinished start that did no work: replaced
-            diff = sorted(k for k in set(old.get("identity", {})) | set(identity)
-                          if old.get("identity", {}).get(k) != identity.get(k))
-            raise UserError(f"{out} holds a different run (differs in {', '.join(diff[:5]) or 'its record'}); "
-                            f"pass --overwrite to replace it or choose another --out")
+            raise cls.different_run(out, old.get("identity"), identity)
         if old is None and any(cls._is_class_dir(e) for e in os.listdir(out)):
             raise UserError(f"{out} holds class folders but no run record; pass --overwrite to replace them "
                             f"or choose another --out")
+
+    @staticmethod
+    def different_run(out, old, identity):
+        """The refusal of a folder that holds another run, naming what differs."""
+        old = old if isinstance(old, dict) else {}
+        diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+        was = old.get("precision")
+        if diff == ["precision"] and was in ("fp32", "bf16"):  # e.g. started on the CPU (fp32), resumed on a GPU (bf16)
+            return UserError(f"{out} was made with --precision {was} and this run resolves to "
+                             f"{identity.get('precision')}: pass --precision {was} to resume it without "
+                             f"mixing arithmetics, or --overwrite to start again")
+        return UserError(f"{out} holds a different run (differs in {', '.join(diff[:5]) or 'its record'}); "
+                         f"pass --overwrite to replace it or choose another --out")
 
     def _read_record(self, overwrite=False):
         if not os.path.isfile(self.record_path):

@@ -500,9 +500,10 @@ def main(argv=None):
         raise common.UserError(f"--ranking-file {args.ranking_file} does not exist and its folder does not either: "
                                f"give an existing CSV, or a path in an existing folder to write the ranking to")
     ignore = ("eval_student", "eval_epochs", "eval_repeats", "cuda_graph")
+    # recorded (and resumed) as what runs; resolved before the output's record is compared
+    args.precision = common.resolve_precision(args.precision, common.pick_device(args.device))
     common.RunDir.precheck(args.out, args, args.overwrite, ignore)  # before the teacher is trained or loaded
     d = common.dist_setup(args.device)
-    args.precision = common.resolve_precision(args.precision, d.device)  # recorded (and resumed) as what runs
     common.seed_everything(args.seed)
     mean, std, norm_source = common.resolve_norm(args.dataset, [args.teacher_path], args.mean, args.std, args.norm)
     size = common.input_size(args.dataset, args.teacher)

@@ -173,6 +173,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     lr_given = args.lr is not None
     common.apply_presets(args, PRESETS, DEFAULTS)
+    if args.eval is None and args.syn_data_path:  # a given folder may be flat or foreign: evaluated only when asked
+        args.eval = False
     common.eval_on(args)
     ours = args.model == DIGITS_DIT  # no learned variance: its own DDIM scheduler; trained with guidance on all 4 channels
     args.scheduler = args.scheduler or ("default" if ours else "dit")

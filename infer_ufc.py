@@ -352,10 +352,11 @@ def main(argv=None):
     K = b["K"]
     args.out = common.check_out_folder(args.out or os.path.join("runs", f"infer_ufc_{args.dataset}_ipc{args.ipc}"))
     ignore = ("baseline", "cuda_graph")
+    # recorded (and resumed) as what runs; resolved before the output's record is compared
+    args.precision = common.resolve_precision(args.precision, common.pick_device(args.device))
     common.RunDir.precheck(args.out, args, args.overwrite, ignore)  # before any teacher is trained or loaded
     mean, std = INFER_NORM.get(args.dataset, (info.mean, info.std)) if args.teacher_norm == "infer" else (info.mean, info.std)
     d = common.dist_setup(args.device)
-    args.precision = common.resolve_precision(args.precision, d.device)  # recorded (and resumed) as what runs
     common.seed_everything(args.seed)
     log = print if d.main else (lambda *a, **k: None)
     log(f"budget: IPC {args.ipc} x {C} classes = {b['budget']} image-equivalents; M = {M} teachers -> "

@@ -173,7 +173,7 @@ def check_training_syncs(device):
 def check_export(device, folder, tmp):
     out = os.path.join(tmp, "ddranking")
     spec = validate_fkd.main(["--syn-data-path", folder, "--export-ddranking", out, "--device", device])
-    state = torch.load(os.path.join(spec["teacher_dir"], spec["dataset"], spec["model_name"], "ckpt_best.pt"),
+    state = torch.load(os.path.join(out, "teacher_models", spec["dataset"], spec["teacher_model_name"], "ckpt_best.pt"),
                        weights_only=True)
     ref = validate_fkd.ddranking_state_dict(common.load_teacher("conv3", "digits"), "conv3")
     ok = state.keys() == ref.keys() and all(v.dtype == ref[k].dtype and torch.equal(v, ref[k]) for k, v in state.items())

@@ -213,14 +213,15 @@ def test_ddranking_export_writes_the_fp32_teacher_whatever_the_precision(tmp_pat
     export = str(tmp_path / "export")
     run_script("validate_fkd.py", "--syn-data-path", out, "--export-ddranking", export, "--precision", "bf16",
                "--device", "cpu")
-    spec = json.load(open(os.path.join(export, "ddranking.json")))
-    state = torch.load(os.path.join(spec["teacher_dir"], spec["dataset"], spec["model_name"], "ckpt_best.pt"),
+    spec = json.load(open(os.path.join(export, "ddranking.json")))["LabelRobustScoreSoft"]
+    state = torch.load(os.path.join(spec["teacher_dir"], spec["dataset"], spec["teacher_model_names"][0], "ckpt_best.pt"),
                        weights_only=True)
     teacher = common.load_teacher("conv3", "digits")
     ours = validate_fkd.ddranking_state_dict(teacher, "conv3")
     assert state.keys() == ours.keys()
     assert all(v.dtype == ours[k].dtype and torch.equal(v, ours[k]) for k, v in state.items())
-    assert state["features.0.weight"].dtype == torch.float32 and "bf16" in spec["soft_labels_from"]
+    provenance = json.load(open(os.path.join(export, "export.json")))
+    assert state["features.0.weight"].dtype == torch.float32 and "bf16" in provenance["soft_labels_from"]
 
 
 # ------------------------------------------------------------------------------ bench_train

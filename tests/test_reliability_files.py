@@ -358,7 +358,8 @@ def test_sigterm_to_the_process_group_with_workers_is_a_clean_stop(tmp_path, fir
 def test_damaged_cached_latents_are_encoded_again(tiny_sd, tmp_path, monkeypatch, capsys):
     import d4m
     monkeypatch.setenv("DD_CACHE", str(tmp_path / "cache"))
-    small = ["--model", tiny_sd, "--size", "64", "--steps", "4", "--ttm-epochs", "0", "--workers", "0", "--ipc", "1"]
+    small = ["--model", tiny_sd, "--size", "64", "--steps", "4", "--ttm-epochs", "0", "--workers", "0", "--ipc", "1",
+             "--no-eval"]
     d4m.main([*small, "--out", str(tmp_path / "a")])
     cache = json.load(open(tmp_path / "a" / "run.json"))["latent_cache"]["path"]
     whole = {f: open(os.path.join(cache, f), "rb").read() for f in sorted(os.listdir(cache))}

@@ -247,7 +247,8 @@ def test_cli_digits_end_to_end_and_resume(tiny_sd, tiny_llava, tmp_path, monkeyp
     # stages 1-2 went to the shared cache, not beside the set
     captions_file, sd_dir = record["captions"]["path"], record["finetuned"]["path"]
     assert os.path.dirname(captions_file) == os.path.join(cache, "vlcp_captions") and captions_file.endswith(".jsonl")
-    assert record["captions"] == {"path": captions_file, "reused": False, "images": 40, "generated": 40}
+    assert record["captions"] == {"path": captions_file, "reused": False, "images": 40, "generated": 40,
+                                  "captioner": tiny_llava}
     assert os.path.dirname(sd_dir) == os.path.join(cache, "vlcp_finetuned") and not record["finetuned"]["reused"]
     assert record["sd_model"] == sd_dir and os.path.isfile(os.path.join(sd_dir, "vlcp_finetune.json"))
     assert not os.path.exists(out + "_sd")
@@ -347,7 +348,8 @@ def test_ipc_loop_captions_and_finetunes_once(tiny_sd, tiny_llava, tmp_path):
 
     proc = run_script("vlcp.py", *_argv(str(tmp_path / "ipc2"), tiny_sd, tiny_llava, ipc=2), env=env)
     second = json.load(open(tmp_path / "ipc2" / "run.json"))
-    assert second["captions"] == {"path": captions_file, "reused": True, "images": 40, "generated": 0}
+    assert second["captions"] == {"path": captions_file, "reused": True, "images": 40, "generated": 0,
+                                  "captioner": tiny_llava}
     assert second["finetuned"] == {"path": sd_dir, "reused": True} and second["sd_model"] == sd_dir
     assert "finetune" not in second["stages"] and "images" not in second["stages"]["captions"]  # no item done
     assert "captioning" not in proc.stdout and f"captions: reusing {captions_file}" in proc.stdout
