@@ -518,6 +518,7 @@ def main(argv=None):
                     run.write_class(c, images[i * args.ipc:(i + 1) * args.ipc])
         mean, std, why = kd_norm(args)  # read back by validate_fkd --preset auto (the teacher's inputs)
         run.record["teacher_norm"] = {"mean": list(mean), "std": list(std), "source": why}
+        common.barrier()  # every rank's classes are written before the set is read
         if d.main and args.dataset == "digits":  # the first check of a generator: does the teacher see the intended class?
             images, labels = common.load_image_set(args.out, classes)
             run.record["teacher_agreement"] = common.teacher_agreement(images.float() / 255, labels, args.teacher)
