@@ -402,14 +402,6 @@ def denormalize(x, mean, std):
     return x * torch.tensor(std, device=x.device).view(1, -1, 1, 1) + torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
 
 
-def clip_normalized(x, mean, std):
-    """In place: clamp each channel of a normalised tensor to the image of pixel range [0, 1]."""
-    with torch.no_grad():
-        for c, (m, s) in enumerate(zip(mean, std)):
-            x[:, c].clamp_((0 - m) / s, (1 - m) / s)
-    return x
-
-
 # ----------------------------------------------------------------------------------------------
 # class lists on disk: classes.json written by every stage, checked by every reader
 # ----------------------------------------------------------------------------------------------
@@ -1029,7 +1021,6 @@ def cache_path(kind, key, suffix):
     return os.path.join(cache_dir(), kind, f"{content_hash(key)}{suffix}")
 
 
-MODEL_FILES = (".json", ".txt", ".model", ".safetensors", ".bin")  # configs, tokenizers, weights
 
 
 def file_digest(path):
@@ -1055,25 +1046,6 @@ def file_digest(path):
         f.write(h.hexdigest())
     os.replace(f"{memo}.tmp{os.getpid()}", memo)
     return h.hexdigest()
-
-
-def model_files_hash(name, flag, index="config.json", parts=("",)):
-    """Which model `name` is, without loading it: a folder by the content of its config, tokenizer and
-    weight files (those directly in each of `parts`, files or sub-folders of `name`); a hub id by the
-    commit of its snapshot (offline: the cached one)."""
-    hub_check(name, flag, index)
-    if not os.path.isdir(name):
-        from huggingface_hub import hf_hub_download
-        return "hub commit " + os.path.basename(os.path.dirname(hf_hub_download(name, index)))
-    files = []
-    for part in parts:
-        p = os.path.join(name, part)
-        if os.path.isfile(p):
-            files.append(part)
-        elif os.path.isdir(p):
-            files += [os.path.join(part, f) for f in sorted(os.listdir(p))
-                      if f.endswith(MODEL_FILES) and os.path.isfile(os.path.join(p, f))]
-    return content_hash([(f, file_digest(os.path.join(name, f))) for f in files])
 
 
 DIGITS_TEACHER_EPOCHS = 3

@@ -180,8 +180,28 @@ def parse_args(argv=None):
     return args
 
 
-# --- cache keys of stages 1-2 (shared across IPCs; hashing in common.py) -----------------------------
+# --- cache keys of stages 1-2 (shared across IPCs) ---------------------------------------------------------
 SD_PARTS = ("model_index.json", "scheduler", "tokenizer", "text_encoder", "vae", "unet")  # what stage 2 loads
+MODEL_FILES = (".json", ".txt", ".model", ".safetensors", ".bin")  # configs, tokenizers, weights
+
+
+def model_files_hash(name, flag, index="config.json", parts=("",)):
+    """Which model `name` is, without loading it: a folder by the content of its config, tokenizer and
+    weight files (those directly in each of `parts`, files or sub-folders of `name`); a hub id by the
+    commit of its snapshot (offline: the cached one)."""
+    common.hub_check(name, flag, index)
+    if not os.path.isdir(name):
+        from huggingface_hub import hf_hub_download
+        return "hub commit " + os.path.basename(os.path.dirname(hf_hub_download(name, index)))
+    files = []
+    for part in parts:
+        p = os.path.join(name, part)
+        if os.path.isfile(p):
+            files.append(part)
+        elif os.path.isdir(p):
+            files += [os.path.join(part, f) for f in sorted(os.listdir(p))
+                      if f.endswith(MODEL_FILES) and os.path.isfile(os.path.join(p, f))]
+    return common.content_hash([(f, common.file_digest(os.path.join(name, f))) for f in files])
 
 
 # --- stage 1 helpers: captions ---------------------------------------------------------------------
@@ -656,7 +676,7 @@ def main(argv=None):
         # the number of processes: whole batches go to ranks), so a loop over IPC captions once
         try:
             captioner_files = (f"vlcp.digit_caption v{CAPTION_VERSION}" if args.captioner == COMPUTED
-                               else common.model_files_hash(args.captioner, "--captioner"))
+                               else model_files_hash(args.captioner, "--captioner"))
         except common.UserError as e:
             raise common.UserError(f"{e}; the shared captions are keyed by the captioner's files (pass --captions "
                                    f"FILE to use a captions file without it)") from e
@@ -692,7 +712,7 @@ def main(argv=None):
         common.hub_check(args.model, "--model", "model_index.json")
     ft_dir = args.finetuned or args.out.rstrip("/") + "_sd"
     shared_ft = args.finetune_epochs > 0 and args.cache and not args.finetuned  # folder named in stage 2
-    base_files = common.model_files_hash(args.model, "--model", "model_index.json", SD_PARTS) if shared_ft else None
+    base_files = model_files_hash(args.model, "--model", "model_index.json", SD_PARTS) if shared_ft else None
     ft_settings = {k: getattr(args, k) for k in ("model", "dataset", "max_per_class", "finetune_epochs", "ft_res",
                                                  "ft_batch_size", "grad_accum", "ft_lr", "ft_flip", "ft_max_steps", "ema_decay",
                                                  "mixed_precision", "seed")}
