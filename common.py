@@ -767,18 +767,6 @@ class ResNetAP(nn.Module):
         return self.classifier(self.features(x))
 
 
-def classifier_input(model, x):
-    """Penultimate features: the input of the model's last nn.Linear, caught with a hook."""
-    fc = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
-    seen = {}
-    h = fc.register_forward_hook(lambda m, inp, out: seen.setdefault("x", inp[0]))
-    try:
-        model(x)
-    finally:
-        h.remove()
-    return seen["x"].flatten(1)
-
-
 # ----------------------------------------------------------------------------------------------
 # teachers
 # ----------------------------------------------------------------------------------------------
@@ -1021,31 +1009,6 @@ def cache_path(kind, key, suffix):
     return os.path.join(cache_dir(), kind, f"{content_hash(key)}{suffix}")
 
 
-
-
-def file_digest(path):
-    """sha256 of a file's bytes, remembered under $DD_CACHE by (real path, size, mtime) so that a loop over
-    IPC reads a 14 GB model once."""
-    st = os.stat(path)
-    memo = cache_path("file_digests", [os.path.realpath(path), st.st_size, st.st_mtime_ns], ".txt")
-
-    def load(p):
-        with open(p) as f:
-            digest = f.read()
-        if not re.fullmatch(r"[0-9a-f]{64}", digest):
-            raise ValueError("not a sha256 digest")
-        return digest
-    if (digest := read_cached(memo, "file digest", load)) is not None:
-        return digest
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    make_cache_dir(os.path.dirname(memo))
-    with open(f"{memo}.tmp{os.getpid()}", "w") as f:
-        f.write(h.hexdigest())
-    os.replace(f"{memo}.tmp{os.getpid()}", memo)
-    return h.hexdigest()
 
 
 DIGITS_TEACHER_EPOCHS = 3
@@ -2680,19 +2643,32 @@ def digits_sd(seed=0, steps=600, batch=32, channels=(32, 64), width=64, predicti
     return cached_build("digits_sd", recipe, _train_digits_sd, verbose)
 
 
+def digits_latents(vae_name):
+    """The digits VAE (its folder name under $DD_CACHE/generators, or a path) and its posterior over the
+    digits train split, with the classes: what the digits SD and DiT train on."""
+    from diffusers import AutoencoderKL
+    vae = AutoencoderKL.from_pretrained(os.path.join(cache_dir(), "generators", vae_name)).eval()
+    x, y = digits_split("train")
+    with torch.no_grad():
+        post = vae.encode(x * 2 - 1).latent_dist
+    return vae, post, y
+
+
+def latent_batch(post, y, batch, scale, g):
+    """`batch` random training images as scaled latents drawn from the posterior, and their classes."""
+    idx = torch.randint(len(y), (batch,), generator=g)
+    return (post.mean[idx] + post.std[idx] * torch.randn(post.mean[idx].shape, generator=g)) * scale, y[idx]
+
+
 def _train_digits_sd(out, seed, steps, batch, channels, width, prediction, lr, ema, guidance, curve_every, vae,
                      judge_per_class=10):
     import copy
-    from diffusers import (AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline,
-                           UNet2DConditionModel)
+    from diffusers import DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
     from tqdm import tqdm
     digits_teacher("conv3", verbose=False)  # the judge of the samples' agreement (trained first if not cached)
     tok = digits_tokenizer(os.path.join(out, "tokenizer"))
-    vae = AutoencoderKL.from_pretrained(os.path.join(cache_dir(), "generators", vae)).eval()  # a name, or a path
-    x, y = digits_split("train")
-    with torch.no_grad():
-        post = vae.encode(x * 2 - 1).latent_dist
+    vae, post, y = digits_latents(vae)
     sf = vae.config.scaling_factor
     names = [c["name"] for c in class_list("digits")]
     prompts = [[t.format(name=n) for t in DIGITS_TEMPLATES] for n in names] + [["", "cartoon, anime, painting"]]
@@ -2720,9 +2696,7 @@ def _train_digits_sd(out, seed, steps, batch, channels, width, prediction, lr, e
     g = torch.Generator().manual_seed(seed)
     t0, c0, curve = time.time(), time.process_time(), []
     for step in tqdm(range(steps), desc="digits SD", unit="step"):
-        idx = torch.randint(len(y), (batch,), generator=g)
-        z = (post.mean[idx] + post.std[idx] * torch.randn(post.mean[idx].shape, generator=g)) * sf
-        row = y[idx].clone()
+        z, row = latent_batch(post, y, batch, sf, g)
         row[torch.rand(batch, generator=g) < 0.1] = len(names)  # classifier-free-guidance dropout
         col = torch.randint(0, len(DIGITS_TEMPLATES), (batch,), generator=g) % torch.tensor([len(prompts[r]) for r in row])
         cond = text(torch.stack([ids[prompts[r][c]] for r, c in zip(row.tolist(), col.tolist())]))[0]

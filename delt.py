@@ -415,6 +415,18 @@ def early_late_recover(teacher, hook, x0, y, group, sched, args, rng, mean, std,
                         "ce_per_round": [c for c, _ in trace], "bn_per_round": [b for _, b in trace]}
 
 
+def classifier_input(model, x):
+    """Penultimate features: the input of the model's last nn.Linear, caught with a hook."""
+    fc = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    seen = {}
+    h = fc.register_forward_hook(lambda m, inp, out: seen.setdefault("x", inp[0]))
+    try:
+        model(x)
+    finally:
+        h.remove()
+    return seen["x"].flatten(1)
+
+
 @torch.no_grad()
 def within_class_similarity(teacher, x):
     """The diversity of D:imgs/diversity_comparison.png (lower = more diverse): mean cosine similarity over
@@ -422,7 +434,7 @@ def within_class_similarity(teacher, x):
     extractor is not in the repo."""
     if len(x) < 2:
         return None
-    f = F.normalize(common.classifier_input(teacher, x).float(), dim=1)
+    f = F.normalize(classifier_input(teacher, x).float(), dim=1)
     sim = f @ f.T
     return float((sim.sum() - sim.diagonal().sum()) / (len(x) * (len(x) - 1)))
 

@@ -365,12 +365,9 @@ def digits_dit(seed=0, steps=1500, batch=64, width=96, layers=4, patch=2, lr=5e-
 def _train_digits_dit(out, seed, steps, batch, width, layers, patch, lr, ema, guidance, sample_steps,
                       judge_per_class, vae):
     import copy
-    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiTPipeline, DiTTransformer2DModel
+    from diffusers import DDIMScheduler, DDPMScheduler, DiTPipeline, DiTTransformer2DModel
     common.digits_teacher("conv3", verbose=False)  # the judge of the samples
-    vae = AutoencoderKL.from_pretrained(os.path.join(common.cache_dir(), "generators", vae)).eval()  # a name, or a path
-    x, y = common.digits_split("train")
-    with torch.no_grad():
-        post = vae.encode(x * 2 - 1).latent_dist
+    vae, post, y = common.digits_latents(vae)
     sf = vae.config.scaling_factor
     model = DiTTransformer2DModel(num_attention_heads=4, attention_head_dim=width // 4, in_channels=4, out_channels=4,
                                   num_layers=layers, sample_size=post.mean.shape[-1], patch_size=patch,
@@ -387,9 +384,8 @@ def _train_digits_dit(out, seed, steps, batch, width, layers, patch, lr, ema, gu
     g = torch.Generator().manual_seed(seed)
     t0, c0, curve = time.time(), time.process_time(), []
     for step in tqdm(range(steps), desc="digits DiT", unit="step"):
-        idx = torch.randint(len(y), (batch,), generator=g)
-        z = (post.mean[idx] + post.std[idx] * torch.randn(post.mean[idx].shape, generator=g)) * sf
-        labels = torch.where(torch.rand(batch, generator=g) < 0.1, 1000, y[idx])  # classifier-free-guidance dropout
+        z, labels = common.latent_batch(post, y, batch, sf, g)
+        labels = torch.where(torch.rand(batch, generator=g) < 0.1, 1000, labels)  # classifier-free-guidance dropout
         noise = torch.randn(z.shape, generator=g)
         t = torch.randint(0, 1000, (batch,), generator=g)
         pred = model(noise_sched.add_noise(z, noise, t), timestep=t, class_labels=labels).sample

@@ -53,6 +53,7 @@ Deliberate deviations from the official code (docs/vlcp.md gives the reason for 
 """
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -185,6 +186,31 @@ SD_PARTS = ("model_index.json", "scheduler", "tokenizer", "text_encoder", "vae",
 MODEL_FILES = (".json", ".txt", ".model", ".safetensors", ".bin")  # configs, tokenizers, weights
 
 
+def file_digest(path):
+    """sha256 of a file's bytes, remembered under $DD_CACHE by (real path, size, mtime) so that a loop over
+    IPC reads a 14 GB model once."""
+    st = os.stat(path)
+    memo = common.cache_path("file_digests", [os.path.realpath(path), st.st_size, st.st_mtime_ns], ".txt")
+
+    def load(p):
+        with open(p) as f:
+            digest = f.read()
+        if not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise ValueError("not a sha256 digest")
+        return digest
+    if (digest := common.read_cached(memo, "file digest", load)) is not None:
+        return digest
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    common.make_cache_dir(os.path.dirname(memo))
+    with open(f"{memo}.tmp{os.getpid()}", "w") as f:
+        f.write(h.hexdigest())
+    os.replace(f"{memo}.tmp{os.getpid()}", memo)
+    return h.hexdigest()
+
+
 def model_files_hash(name, flag, index="config.json", parts=("",)):
     """Which model `name` is, without loading it: a folder by the content of its config, tokenizer and
     weight files (those directly in each of `parts`, files or sub-folders of `name`); a hub id by the
@@ -201,7 +227,7 @@ def model_files_hash(name, flag, index="config.json", parts=("",)):
         elif os.path.isdir(p):
             files += [os.path.join(part, f) for f in sorted(os.listdir(p))
                       if f.endswith(MODEL_FILES) and os.path.isfile(os.path.join(p, f))]
-    return common.content_hash([(f, common.file_digest(os.path.join(name, f))) for f in files])
+    return common.content_hash([(f, file_digest(os.path.join(name, f))) for f in files])
 
 
 # --- stage 1 helpers: captions ---------------------------------------------------------------------

@@ -40,7 +40,8 @@ def test_zoo_forward_shape(arch):
     with torch.no_grad():
         out = model(torch.randn(2, 3, size, size))
     assert out.shape == (2, 7)
-    feats = common.classifier_input(model, torch.randn(2, 3, size, size))
+    import delt
+    feats = delt.classifier_input(model, torch.randn(2, 3, size, size))
     assert feats.shape[0] == 2 and feats.shape[1] == [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].in_features
 
 
