@@ -126,3 +126,29 @@ def digits_conv3():
         for k, v in TEST_ENV.items():
             mp.setenv(k, v)
         return common.digits_teacher("conv3")
+
+
+def randomise_bn(model, seed):
+    """Seeded non-trivial BatchNorm statistics and affine parameters, so that equal logits test the norm layers too."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model.eval()
+
+
+def random_digits_set(out, ipc, seed):
+    """A set in the on-disk contract: `ipc` random digits training images per class (method "random")."""
+    import argparse
+    import common
+    x, y = common.digits_split("train")
+    idx = common.random_subset(y.tolist(), ipc, seed)
+    run = common.RunDir(str(out), argparse.Namespace(method="random", ipc=ipc, seed=seed), common.class_list("digits"))
+    for c in range(10):
+        run.write_class(c, x[idx][y[idx] == c])
+    run.finish()
+    return str(out)

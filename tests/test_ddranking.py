@@ -6,7 +6,6 @@ NUS-HPC-AI-Lab/DD-Ranking@b8b0966:ddranking/metrics/soft_label.py:24-30 and :495
 images in class-major order with IPC per class, soft_labels=[N,C] teacher logits), or image_path=an
 ImageFolder root; teachers at <teacher_dir>/<dataset>/<model_name>/ckpt_best.pt, a plain state dict loaded
 with load_state_dict (strict) into its ConvNet (features = [conv, norm, ReLU, AvgPool] x depth, classifier)."""
-import argparse
 import inspect
 import json
 import os
@@ -16,7 +15,7 @@ import torch.nn as nn
 import torchvision
 
 import common
-from conftest import run_script
+from conftest import random_digits_set, run_script
 
 
 _ = inspect.Parameter.empty
@@ -54,13 +53,7 @@ class DDRankingConvNet(nn.Module):
 
 
 def test_export_for_ddranking(tmp_path, digits_conv3):
-    x, y = common.digits_split("train")
-    idx = common.random_subset(y.tolist(), 4, 11)
-    out = str(tmp_path / "set")
-    run = common.RunDir(out, argparse.Namespace(method="random", ipc=4, seed=11), common.class_list("digits"))
-    for c in range(10):
-        run.write_class(c, x[idx][y[idx] == c])
-    run.finish()
+    out = random_digits_set(tmp_path / "set", 4, 11)
     export = str(tmp_path / "for_ddranking")
     proc = run_script("validate_fkd.py", "--syn-data-path", out, "--export-ddranking", export, "--repeats", "3")
     assert "DD-Ranking ConvNet-3-BN" in proc.stdout and not any(n.startswith("eval_") for n in os.listdir(out))

@@ -14,6 +14,7 @@ import torchvision
 from PIL import Image
 
 import common
+from conftest import randomise_bn
 
 
 # ---------------------------------------------------------------- references: official layouts
@@ -160,17 +161,6 @@ class RefRDEDConvNet(nn.Module):  # LINs-lab/RDED@31f9117:synthesize/models.py C
         return self.classifier(x.view(len(x), -1))
 
 
-def _randomise_bn(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model.eval()
-
-
 @pytest.mark.parametrize("arch,ref", [("mobilenet_v2_cifar", RefMBV2), ("efficientnet_b0_cifar", RefEff),
                                       ("shufflenet_g2", RefShuffle)])
 def test_ufc_cifar_checkpoints_load_as_released(tmp_path, arch, ref):
@@ -178,7 +168,7 @@ def test_ufc_cifar_checkpoints_load_as_released(tmp_path, arch, ref):
     module.linear.weight; EfficientNet's unused first-block expand conv/BN included) loads through
     load_teacher and gives the reference's logits."""
     torch.manual_seed(0)
-    official = _randomise_bn(ref(100), 1)
+    official = randomise_bn(ref(100), 1)
     sd = nn.DataParallel(official).state_dict()
     assert "module.linear.weight" in sd and "module.conv1.weight" in sd
     if arch == "efficientnet_b0_cifar":
@@ -209,7 +199,7 @@ def test_efficientnet_dead_expand_layer_is_not_trainable():
 @pytest.mark.parametrize("layout", ["rded", "ddranking"])
 def test_rded_and_ddranking_convnet_checkpoints_load(tmp_path, layout):
     torch.manual_seed(0)
-    official = _randomise_bn(RefRDEDConvNet(10, 3, 32), 2)
+    official = randomise_bn(RefRDEDConvNet(10, 3, 32), 2)
     sd = official.state_dict()
     assert "layers.conv.0.weight" in sd and "layers.norm.2.running_mean" in sd and "classifier.weight" in sd
     if layout == "ddranking":  # our Sequential names (conv at 4d, BN at 4d + 1) with classifier.* for fc.*

@@ -16,7 +16,7 @@ import common
 import delt
 import infer_ufc
 import validate_fkd
-from conftest import ROOT, run_script
+from conftest import ROOT, random_digits_set, run_script
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -203,13 +203,7 @@ def test_validator_records_resolved_precision_and_hlr_students_follow_it(monkeyp
 
 
 def test_ddranking_export_writes_the_fp32_teacher_whatever_the_precision(tmp_path, digits_conv3):
-    x, y = common.digits_split("train")
-    idx = common.random_subset(y.tolist(), 2, 3)
-    out = str(tmp_path / "set")
-    run = common.RunDir(out, argparse.Namespace(method="random", ipc=2, seed=3), common.class_list("digits"))
-    for c in range(10):
-        run.write_class(c, x[idx][y[idx] == c])
-    run.finish()
+    out = random_digits_set(tmp_path / "set", 2, 3)
     export = str(tmp_path / "export")
     run_script("validate_fkd.py", "--syn-data-path", out, "--export-ddranking", export, "--precision", "bf16",
                "--device", "cpu")

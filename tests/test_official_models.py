@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+from conftest import randomise_bn
 
 
 # ---------------------------------------------------------------- DM-KD's CIFAR ResNet (cifar_resnet.py)
@@ -95,17 +96,6 @@ class RefWRN(nn.Module):
         return self.fc(out.view(-1, self.n_channels))
 
 
-def _randomise_bn(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model.eval()
-
-
 @pytest.mark.parametrize("arch,ref", [
     ("cifarresnet18", lambda: RefCifarResNet([2, 2, 2, 2], 100)),
     ("cifarresnet34", lambda: RefCifarResNet([3, 4, 6, 3], 100)),
@@ -115,7 +105,7 @@ def test_dmkd_cifar_checkpoints_load_with_equal_logits(tmp_path, arch, ref):
     """DM-KD's train_student.py loads ckpt['model'] (a DataParallel state dict in its teachers' folders):
     strict key match, equal logits."""
     torch.manual_seed(0)
-    official = _randomise_bn(ref(), 3)
+    official = randomise_bn(ref(), 3)
     sd = official.state_dict()
     ours = common.build_model(arch, 100).state_dict()
     assert sorted(sd) == sorted(ours) and all(sd[k].shape == ours[k].shape for k in sd)
@@ -130,7 +120,7 @@ def test_dmkd_resnet_differs_from_resnet18_modified_only_by_the_stem_relu(tmp_pa
     """The same checkpoint fits resnet18_modified key for key, but there a ReLU follows the stem BN:
     other logits (why cifarresnet18 is its own architecture)."""
     torch.manual_seed(0)
-    official = _randomise_bn(RefCifarResNet([2, 2, 2, 2], 100), 4)
+    official = randomise_bn(RefCifarResNet([2, 2, 2, 2], 100), 4)
     torch.save({"model": official.state_dict()}, tmp_path / "ckpt.pth")
     relu_stem = common.load_teacher("resnet18_modified", "cifar100", str(tmp_path / "ckpt.pth"))
     x = torch.randn(3, 3, 32, 32)
