@@ -97,7 +97,8 @@ DEFAULTS = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + "\n\nDigits needs a generator: its time is the generator's (README 'How long it takes').", formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + "\n\nWith no flags (digits, IPC 10): 400 s on 2 idle CPU cores with a fresh cache (the digits VAE and "
+                                "Stable Diffusion trained first; a rerun loads them; README 'How long it takes').", formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_generic_args(p, ipc=10, out="runs/d4m_<dataset>_ipc<ipc>")
     g = p.add_argument_group("generator (Stable Diffusion, D4M:distillation/gen_prototype.py:L123)")
     g.add_argument("--model", default=None,
@@ -114,8 +115,9 @@ def parse_args(argv=None):
     g.add_argument("--prototypes", type=int, default=None, help="k-means prototypes per class (default: --ipc); "
                    "more images than prototypes reuse them with new noise")
     g.add_argument("--km-expand", type=int, default=None, help="k-means partial_fit buffer = km_expand x prototypes latents")
-    g.add_argument("--kmeans", default=None, choices=("minibatch", "full"),
-                   help="minibatch: MiniBatchKMeans.partial_fit over buffers (official); full: exact KMeans")
+    g.add_argument("--kmeans", default=None, choices=("minibatch", "full", "random"),
+                   help="minibatch: MiniBatchKMeans.partial_fit over buffers (official); full: exact KMeans; random: "
+                        "no clustering, P of the class's own latents drawn at random (the ablation of D4M's prototypes)")
     g.add_argument("--save-latents", default=None, help="folder to keep each class's latents in k-means order (for inspection)")
     g.add_argument("--no-latent-cache", dest="latent_cache", action="store_false",
                    help="do not keep the VAE latents under $DD_CACHE/d4m_latents/ (default: kept, keyed by dataset, "
@@ -214,7 +216,7 @@ def encoded_classes(ds, class_indices, vae, args):
 
 
 def kmeans_prototypes(latent_batches, n_prototypes, km_expand, mode, seed):
-    """Per-class prototypes (D4M:distillation/gen_prototype.py). minibatch: the official MiniBatchKMeans(n_clusters=P, random_state,
+    """Per-class prototypes (D4M:distillation/gen_prototype.py), or random latents of the class (mode random). minibatch: the official MiniBatchKMeans(n_clusters=P, random_state,
     batch_size=km_expand*P, n_init="auto") fed by partial_fit over buffers of km_expand*P latents, the last
     partial buffer flushed too (D4M:distillation/gen_prototype.py:L83-84). full: KMeans over all the class's latents. Returns (centres, latents)."""
     from sklearn.cluster import KMeans, MiniBatchKMeans
@@ -231,6 +233,9 @@ def kmeans_prototypes(latent_batches, n_prototypes, km_expand, mode, seed):
             km.partial_fit(flat[:km_expand * n_prototypes].double().numpy())
             buffer, buffer_len = [flat[km_expand * n_prototypes:]], len(flat) - km_expand * n_prototypes
     latents = torch.cat(seen)
+    if mode == "random":  # ablation: real latents of the class, not cluster centres (the same img2img follows)
+        pick = torch.randperm(len(latents), generator=torch.Generator().manual_seed(seed))[:n_prototypes]
+        return latents[pick].float(), latents
     if mode == "full":
         km = KMeans(n_clusters=n_prototypes, random_state=seed, n_init=10).fit(latents.double().numpy())
     elif buffer_len:
@@ -346,11 +351,13 @@ def main(argv=None):
         cached = {c for c in todo if args.latent_cache and check_latents(c)}
         run.record["latent_cache"] = {"path": cache if args.latent_cache else None, "reused_classes": len(cached)}
 
+        vae = pipe.vae  # bound here: `del pipe` below would leave the generator's closure without it
+
         def class_latents():  # (class, latent batches): from the cache, or encoded (streamed) and then cached
             for c in todo:
                 if c in cached:
                     yield c, [torch.load(os.path.join(cache, f"{c:05d}.pt"), weights_only=True)]
-            stream = encoded_classes(train, [(c, order[c]) for c in todo if c not in cached], pipe.vae, args)
+            stream = encoded_classes(train, [(c, order[c]) for c in todo if c not in cached], vae, args)
             for c, group in groupby(stream, key=itemgetter(0)):
                 yield c, (z for _, z in group)
 

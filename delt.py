@@ -90,9 +90,9 @@ PRESETS = {
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + "\n\nWith no flags (digits, IPC 10): about 2.5 "
-                                "minutes on 2 idle CPU cores with a fresh cache (teacher 15 s, recover 20 s, 3 + 3 "
-                                "students of 40 epochs at 16-17 s each; README 'How long it takes').",
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + "\n\nWith no flags (digits, IPC 10): 153 s on "
+                                "2 idle CPU cores with a fresh cache (teacher, ranking, recover, 3 + 3 students of "
+                                "40 epochs; README 'How long it takes').",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_generic_args(p, ipc=10, out="runs/delt_<dataset>_ipc<ipc>")
     g = p.add_argument_group("evaluation (validate_fkd.py, DELT's protocol D:evaluation/argument.py)")

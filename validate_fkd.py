@@ -714,17 +714,23 @@ def steps_per_epoch(n, cfg, fkd_dir=None):
     return n // bs + (n % bs > 1)
 
 
-def store_fkd_labels(args, images, ipc, teacher, fkd_dir, epochs, d):
-    """SRe2L relabel: rank 0 stores FKD labels for `images` (RRC 0.08-1, the protocol's mix), all wait."""
+def store_fkd_labels(args, images, ipc, teacher, fkd_dir, epochs, d, like=None):
+    """SRe2L relabel: rank 0 stores FKD labels for `images` (RRC 0.08-1, the protocol's mix), all wait.
+    `like`: a set's fkd_meta.json, whose batch size, mix, crop scale and flip are copied, so that random real
+    images get the same number of optimiser steps and the same views as the set they are compared with."""
     if d.main:
         info = common.dataset_info(args.dataset)
         bs = args.relabel_batch_size or min(rded_batch_size(ipc, info.num_classes, args.dataset, args.student), len(images))
-        common.fkd_generate(images, teacher, fkd_dir, epochs, bs, args.size, args.mean, args.std, args.mix or "cutmix",
-                            args.alpha or 1.0, 0.08, bool(args.flip), args.seed, d.device, precision=args.precision)
+        mix, alpha, min_scale, flip = args.mix or "cutmix", args.alpha or 1.0, 0.08, bool(args.flip)
+        if like:
+            bs = min(like["batch_size"], len(images))
+            mix, alpha, min_scale, flip = like["mix"], like["alpha"], like["min_scale"], like["flip"]
+        common.fkd_generate(images, teacher, fkd_dir, epochs, bs, args.size, args.mean, args.std, mix,
+                            alpha, min_scale, flip, args.seed, d.device, precision=args.precision)
     common.barrier()
 
 
-def random_real_runs(args, ipc, teacher, cfg_epochs, val_loader, d):
+def random_real_runs(args, ipc, teacher, cfg_epochs, val_loader, d, fkd_like=None):
     """`--repeats` random real subsets at `ipc` (subset seeds seed+1000+r), one student each, same protocol."""
     info = common.dataset_info(args.dataset)
     real = common.real_dataset(args.dataset, args.data_path, "train",
@@ -739,7 +745,7 @@ def random_real_runs(args, ipc, teacher, cfg_epochs, val_loader, d):
         labels = ensemble_logits(teacher, x, args, d.device) if args.label_mode == "static" else None
         with tempfile.TemporaryDirectory() as tmp:
             if args.label_mode == "fkd":  # the same relabelling recipe as the set's stored labels
-                store_fkd_labels(args, x, ipc, teacher, tmp, cfg_epochs or args.relabel_epochs or args.epochs, d)
+                store_fkd_labels(args, x, ipc, teacher, tmp, cfg_epochs or args.relabel_epochs or args.epochs, d, fkd_like)
             one = copy.copy(args)
             one.repeats, one.seed = 1, args.seed + r
             res, _ = evaluate_set(one, "random real", x, y, ipc, teacher, labels, tmp, val_loader, d,
@@ -1145,7 +1151,7 @@ def main(argv=None, closing=True, norm_source=None):
     if args.baseline == "random" or not folder:
         base = random_real_runs(args, args.random_real or args.baseline_ipc or ipc, teacher,
                                 common.fkd_meta(fkd_dir)["epochs"] if folder and args.label_mode == "fkd" else cfg.epochs,
-                                val_loader, d)
+                                val_loader, d, common.fkd_meta(fkd_dir) if folder and args.label_mode == "fkd" else None)
         if folder:
             record["baseline"] = base
             record["improvement_over_random"] = record["best_mean"] - base["best_mean"]

@@ -93,6 +93,20 @@ def test_prototypes_equal_sklearn_minibatch_kmeans(d4m_run):
         assert not np.allclose(ours.flatten(1).numpy(), dropped.cluster_centers_)
 
 
+def test_random_latents_ablation_draws_the_class_own_latents():
+    """--kmeans random (the prototypes' ablation): P distinct latents of the class itself, seeded, no centres."""
+    import d4m
+    latents = torch.randn(37, 256)
+    batches = [latents[:16], latents[16:30], latents[30:]]
+    picked, seen = d4m.kmeans_prototypes(iter(batches), 5, 10, "random", seed=3)
+    assert torch.equal(seen, latents) and picked.shape == (5, 256)
+    rows = [int((latents == p).all(1).nonzero()) for p in picked]  # each one is a row of the class's latents
+    assert len(set(rows)) == 5
+    again, _ = d4m.kmeans_prototypes(iter(batches), 5, 10, "random", seed=3)
+    other, _ = d4m.kmeans_prototypes(iter(batches), 5, 10, "random", seed=4)
+    assert torch.equal(again, picked) and not torch.equal(other, picked)
+
+
 def test_batched_synthesis_equals_one_call_per_image(d4m_run):
     """D4M:scripts/pipeline_stable_diffusion_latents2img.py, D4M:distillation/gen_syn_image_imgnt.sh: stock img2img from the prototype latent, class-name prompt, the negative prompt, strength,
     guidance, one seeded generator per image; called here the official way, one image per call."""

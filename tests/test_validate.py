@@ -151,6 +151,22 @@ def test_baseline_random_and_training_learns(tmp_path, digits_conv3):
     assert "random real (5 images/class):" in proc.stdout  # the per-class figure named as such
 
 
+def test_fkd_baseline_relabels_random_real_with_the_sets_recipe(tmp_path, digits_conv3):
+    """Random real images under `fkd` get labels stored as the set's were (batch size, mix, crop scale,
+    flip), so both sides train for the same number of optimiser steps (D4M's TTM batch is not the
+    validator's batch size)."""
+    out = _random_set(str(tmp_path / "r3"), 3, seed=5)
+    images, _ = common.load_image_set(out, common.class_list("digits"))
+    teacher = common.load_teacher("conv3", "digits")
+    mean, std, _ = common.resolve_norm("digits", [None])
+    common.fkd_generate(images, teacher, out, 2, 8, 32, mean, std, mix="mixup", alpha=0.4, min_scale=0.5, flip=True)
+    run_script("validate_fkd.py", "--syn-data-path", out, "--protocol", "fkd", "--epochs", "2", "--eval-every", "1",
+               "--baseline", "random", "--repeats", "1")
+    rec = json.load(open(os.path.join(out, "eval_fkd.json")))
+    assert rec["steps"] == rec["baseline"]["steps"] == 2 * 4  # 30 images in batches of 8: 3 full + 6
+    assert rec["baseline"]["epochs"] == 2
+
+
 def test_torchrun_two_processes_train(digits_set, digits_conv3, tmp_path):
     out = str(tmp_path / "ddp.json")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",

@@ -73,6 +73,16 @@ def test_words_are_nltk_word_tokenize_isalpha(caption, expected):
     assert vlcp.words(caption) == expected.split()
 
 
+def test_class_name_prompt_ablation():
+    """--text-prompt class-name gives every image the class name; the default is the text prototypes."""
+    import argparse
+    args = argparse.Namespace(ipc=2, threshold=0.5, tpk=2, text_match="substring", text_prompt="class-name")
+    assert vlcp.image_prompts(CAPTIONS, LABELS, "Tabby cat", args) == ["Tabby cat", "Tabby cat"]
+    args.text_prompt = "prototype"
+    assert vlcp.image_prompts(CAPTIONS, LABELS, "Tabby cat", args) == vlcp.text_prototypes(
+        CAPTIONS, LABELS, 2, "Tabby cat", threshold=0.5, tpk=2)
+
+
 def test_stop_words_are_nltks():
     assert len(vlcp.NLTK_STOP_WORDS) == 179
     assert {"doesn", "t", "s", "won", "ma", "y", "ain", "does", "not", "can"} <= vlcp.NLTK_STOP_WORDS
