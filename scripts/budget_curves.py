@@ -27,7 +27,8 @@ row in --work: rerun the same command to resume or to print the tables. --plot d
 docs/img/digits_budget_curves.png (needs `uv sync --extra plots`).
 
   uv run python scripts/budget_curves.py --methods delt --ipcs 1 --epochs 10 40    # minutes on 2 CPU cores
-  uv run python scripts/budget_curves.py --plot --claims                          # everything (hours)
+  uv run python scripts/budget_curves.py --ipcs 1 --plot --claims                 # docs/results.md (hours)
+  uv run python scripts/budget_curves.py --ipcs 10                                # IPC 10 too (many hours)
 """
 import argparse
 import json

@@ -6,7 +6,8 @@ random generator folders of `uv run python -m tests.tiny_models` instead, whose 
 protocol, and prints a markdown table with the device and thread count. It also draws the plot
 docs/img/digits_top1_vs_ipc.png (needs the optional extra: `uv sync --extra plots`) and one grid per
 method, docs/img/<method>_digits.png (first classes, first images). Every (method, IPC) result is
-cached in --work as its set and eval json: rerun the same command to resume or to print the table.
+cached in --work as its set and eval json: rerun the same command to resume, or add --cached-only to print
+the table from what is there.
 
   uv run python scripts/digits_results.py                                  # the full table (hours on 2 cores)
   uv run python scripts/digits_results.py --ipcs 1 --methods random delt --quick   # a minutes-long check
@@ -95,6 +96,8 @@ def main(argv=None):
                    help="tiny budgets everywhere (DELT 20 iterations, INFER 5, students 2 epochs): checks the "
                         "script, the figures mean nothing")
     g.add_argument("--work", default="runs/digits_results", help="folder of the sets, eval json and logs (the cache)")
+    g.add_argument("--cached-only", action="store_true",
+                   help="run nothing: print the table and draw the plot from what --work holds (missing cells: not run)")
     g.add_argument("--tiny-models", default=None,
                    help="D4M, VLCP and DM-KD on the tiny random sd/, dit/, llava/ of `python -m tests.tiny_models DIR` "
                         "(built there if missing) instead of the generators trained here")
@@ -132,6 +135,9 @@ def main(argv=None):
             if method == "infer_ufc" and ipc < smallest_infer_ipc():
                 results[method, ipc] = None  # K = 0 real sets: INFER has no set at this budget
                 continue
+            if not os.path.isfile(record) and args.cached_only:
+                results[method, ipc] = "not run"
+                continue
             if not os.path.isfile(record):
                 t0 = time.time()
                 if method == "random":
@@ -156,7 +162,8 @@ def main(argv=None):
         cells = []
         for ipc in args.ipcs:
             r = results[method, ipc]
-            cells.append("n/a" if r is None else f"{r[0]:.2f} ± {r[1]:.2f}" + (f" ({r[2]} img/class)" if r[2] and r[2] != ipc else ""))
+            cells.append("n/a" if r is None else r if isinstance(r, str) else
+                         f"{r[0]:.2f} ± {r[1]:.2f}" + (f" ({r[2]} img/class)" if r[2] and r[2] != ipc else ""))
         print(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
 
     if args.plot:
@@ -169,9 +176,10 @@ def main(argv=None):
         else:
             fig, ax = plt.subplots(figsize=(5, 3.4), dpi=110)
             for method in args.methods:
-                pts = [(ipc, results[method, ipc][0]) for ipc in args.ipcs if results[method, ipc]]
+                pts = [(ipc, results[method, ipc][0]) for ipc in args.ipcs if isinstance(results[method, ipc], tuple)]
                 style = dict(color="black", linestyle="--") if method == "random" else {}
-                ax.plot(*zip(*pts), marker="o", label=LABELS[method], **style)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=LABELS[method], **style)
             ax.set_xscale("log")
             ax.set_xticks(args.ipcs, [str(i) for i in args.ipcs])
             ax.set_xlabel("images per class (IPC)")
