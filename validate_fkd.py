@@ -1150,7 +1150,7 @@ def main(argv=None, closing=True, norm_source=None):
     # --- random real subsets at the same IPC, same protocol ---
     if args.baseline == "random" or not folder:
         base = random_real_runs(args, args.random_real or args.baseline_ipc or ipc, teacher,
-                                common.fkd_meta(fkd_dir)["epochs"] if folder and args.label_mode == "fkd" else cfg.epochs,
+                                cfg.epochs,  # fkd: labels for the epochs the students train, not all the set stores
                                 val_loader, d, common.fkd_meta(fkd_dir) if folder and args.label_mode == "fkd" else None)
         if folder:
             record["baseline"] = base
