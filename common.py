@@ -2486,19 +2486,6 @@ def train_student(student, cfg, val_loader, device, train_set=None, teacher=None
             "data_wait_share": waited / max(seconds, 1e-9)}
 
 
-class IndexedDataset(torch.utils.data.Dataset):
-    """(transform(image), label, index) over a uint8 image tensor: static labels need the index."""
-
-    def __init__(self, images, targets, transform):
-        self.images, self.targets, self.transform = images, targets, transform
-
-    def __len__(self):
-        return len(self.targets)
-
-    def __getitem__(self, i):
-        return self.transform(self.images[i]), int(self.targets[i]), i
-
-
 # ----------------------------------------------------------------------------------------------
 # digits generators trained here (ours, not any paper's weights): an SD-1.x-layout Stable Diffusion
 # for d4m.py and vlcp.py; dmkd.py's DiT reuses its VAE. Cached like the digits teachers.

@@ -644,7 +644,7 @@ def train_once(args, images, targets, cfg, teacher, static_labels, fkd_dir, val_
                                    flip=bool(args.flip), factor=args.factor or 1)
         train_set = common.DeviceImageSet(images, targets, aug)
     elif train_set is None:
-        train_set = common.IndexedDataset(images, targets, train_view(args))
+        train_set = IndexedDataset(images, targets, train_view(args))
     return common.train_student(student, cfg, val_loader, d.device, train_set=train_set, teacher=teacher,
                                 static_labels=static_labels, fkd=fkd, dist_info=d,
                                 log=print if d.main else (lambda *_: None))
@@ -705,6 +705,19 @@ def evaluate_set(args, name, images, targets, ipc, teacher, static_labels, fkd_d
             runs[-1].update({"lr": cfg.lr, "lr_search": tried})
     return {"images": len(targets), "ipc": ipc, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
             "steps": cfg.epochs * steps_per_epoch(len(targets), cfg, fkd_dir), **summarise(runs)}, cfg
+
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """(transform(image), label, index) over a uint8 image tensor: static labels need the index."""
+
+    def __init__(self, images, targets, transform):
+        self.images, self.targets, self.transform = images, targets, transform
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return self.transform(self.images[i]), int(self.targets[i]), i
 
 
 def steps_per_epoch(n, cfg, fkd_dir=None):

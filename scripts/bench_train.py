@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import validate_fkd  # noqa: E402
 
 
 def main():
@@ -74,7 +75,7 @@ def main():
                 if where == "device":
                     ds = common.DeviceImageSet(images, targets, common.DeviceAugment(args.size, mean, std, crop="rrc"))
                 else:
-                    ds = common.IndexedDataset(images, targets, common.train_transform(args.size, mean, std, crop="rrc"))
+                    ds = validate_fkd.IndexedDataset(images, targets, common.train_transform(args.size, mean, std, crop="rrc"))
                 fkd = {"images": images, "dir": tmp, "size": args.size, "mean": mean, "std": std}
                 rates = []
                 for epochs in (1, args.epochs + 1):  # the difference removes start-up and warm-up costs

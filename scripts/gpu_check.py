@@ -155,7 +155,7 @@ def check_training_syncs(device):
         if where == "device":
             ds = common.DeviceImageSet(images, targets, common.DeviceAugment(32, mean, std, crop="rrc"))
         else:
-            ds = common.IndexedDataset(images, targets, common.train_transform(32, mean, std, crop="rrc"))
+            ds = validate_fkd.IndexedDataset(images, targets, common.train_transform(32, mean, std, crop="rrc"))
         counts = []
         for epochs in (1, 4):
             cfg = common.TrainConfig(labels="teacher", epochs=epochs, batch_size=50, mix="cutmix", eval_every=10**6,

@@ -146,7 +146,8 @@ def test_ddranking_training_quirks(monkeypatch):
         net = nn.Sequential(nn.Flatten(), nn.Linear(192, 4))
         cfg = common.TrainConfig(labels="static", epochs=epochs, batch_size=8, optimizer="adamw_all", lr=1e-3,
                                  mix="cutmix", eval_every=20, mix_labels=mix_labels, temperature=1.0, **extra)
-        data = common.IndexedDataset(images, targets, lambda t: t.float() / 255)
+        import validate_fkd
+        data = validate_fkd.IndexedDataset(images, targets, lambda t: t.float() / 255)
         return common.train_student(net, cfg, val, "cpu", train_set=data, static_labels=soft, log=lambda *_: None)
 
     res = run(False, 40, eval_phase=19)
