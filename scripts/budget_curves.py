@@ -11,7 +11,7 @@ Protocols: `own` is the method's own evaluation (validate_fkd's --preset auto: D
 INFER static labels of its three teachers, D4M its stored TTM labels, VLCP rded, DM-KD its KD recipe with
 the step milestones scaled to the budget); `hard` is class labels with cutmix (--preset none), which no
 teacher helps. Random real under `hard` is the same for every method and is trained once per (IPC, epochs).
-INFER has no set at IPC 1 on digits (K = 0 real images): its curve is at IPC 2, its smallest, own protocol only.
+INFER has no set at IPC 1 on digits (K = 0 real images): its curve is at IPC 2, its smallest.
 
 --claims adds each paper's ablation under the own protocol at the default budget and a converged one
 (--claims-epochs; IPC 10 for DELT, whose EarlyLate needs more images per class than rounds, IPC 2 for INFER,
@@ -219,10 +219,10 @@ def main(argv=None):
     rows = []
     for ipc in args.ipcs:
         for m in args.methods:
-            ipc_m, protocols = ipc, args.protocols
-            if m == "infer_ufc" and ipc < smallest_infer_ipc():  # K = 0: INFER at its smallest IPC, own protocol
-                ipc_m, protocols = smallest_infer_ipc(), ["own"]
-            for proto in protocols:
+            ipc_m = ipc
+            if m == "infer_ufc" and ipc < smallest_infer_ipc():  # K = 0: INFER at its smallest IPC
+                ipc_m = smallest_infer_ipc()
+            for proto in args.protocols:
                 for e in (args.epochs if ipc == 1 else args.epochs_ipc10):
                     rows.append(row(m, ipc_m, proto, e, args))
     device = f"cpu, {torch.get_num_threads()} threads, {os.cpu_count()} cores"
