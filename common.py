@@ -1754,7 +1754,11 @@ def add_generic_args(parser, ipc=10, out=None):
 
 
 def eval_on(args):
-    """--eval/--no-eval as given, else on for digits only (every script the same way)."""
+    """--eval/--no-eval as given, else on for digits only (every script the same way). A zero or negative
+    --eval-epochs/--eval-repeats is refused here, before any work (it would silently mean the preset's)."""
+    for name in ("eval_epochs", "eval_repeats"):
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, not {getattr(args, name)}")
     if getattr(args, "eval", None) is None:
         args.eval = args.dataset == "digits"
     return args.eval
@@ -1905,8 +1909,10 @@ def load_image_set(folder, classes, ipc=None, size=None, return_rows=False):
     of each kept image in the whole set (the row of soft_labels.pt). Bad sets stop with one sentence."""
     if not os.path.isdir(folder):
         raise UserError(f"the set {folder} does not exist")
-    check_classes_json(folder, classes)
     dirs = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith(".") and e.name != "fkd")
+    if not dirs:  # before the classes.json warning, which would say nothing useful here
+        raise UserError(f"{folder} holds no class folders: a set is one folder per class (00000/, 00001/, ...)")
+    check_classes_json(folder, classes)
     if len(dirs) != len(classes):
         raise UserError(f"{folder} has {len(dirs)} class folders but the dataset has {len(classes)} classes")
     exts = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")

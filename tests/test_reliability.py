@@ -117,6 +117,32 @@ def test_wording_of_a_missing_fkd_store_and_a_bad_flag(tmp_path):
     assert fails_with(proc, "error: ") == "error: --lr must be > 0, not 0.0"
 
 
+def test_numbers_out_of_range_are_refused_before_any_work(tmp_path):
+    """A zero or negative budget is a typo, not "the preset's": refused in one sentence, the set untouched."""
+    import argparse
+    import validate_fkd
+    out = tiny_set(tmp_path / "set")
+    before = hashes(out)
+    for flags, message in [(["--epochs", "0"], "--epochs must be >= 1, not 0"),
+                           (["--repeats", "-2"], "--repeats must be >= 1, not -2"),
+                           (["--lr", "-1"], "--lr must be > 0, not -1.0"),
+                           (["--min-scale", "1.5"], "--min-scale must be in (0, 1], not 1.5"),
+                           (["--eval-from", "nan"], "--eval-from must be in [0, 1], not nan"),
+                           (["--std", "0.3", "0", "0.3"], "--std must be three numbers > 0, not 0.3 0.0 0.3")]:
+        with pytest.raises(common.UserError) as e:
+            validate_fkd.main(["--syn-data-path", str(out), *flags])
+        assert str(e.value) == message
+    assert hashes(out) == before
+    for name in ("eval_epochs", "eval_repeats"):  # every method script asks common.eval_on first
+        with pytest.raises(common.UserError, match=f"^--{name.replace('_', '-')} must be >= 1, not 0$"):
+            common.eval_on(argparse.Namespace(dataset="digits", eval=None, **{name: 0}))
+    assert common.eval_on(argparse.Namespace(dataset="digits", eval=None, eval_epochs=None, eval_repeats=2)) is True
+    (tmp_path / "empty").mkdir()
+    proc = run_script("validate_fkd.py", "--syn-data-path", tmp_path / "empty", check=False)
+    fails_with(proc, f"error: {tmp_path / 'empty'} holds no class folders: a set is one folder per class")
+    assert "classes.json" not in proc.stdout + proc.stderr and os.listdir(tmp_path / "empty") == []
+
+
 def test_captions_file_lacking_images_says_how_many_and_the_first(tmp_path):
     x, y = common.digits_split("train")
     captions = tmp_path / "captions.jsonl"
