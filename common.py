@@ -1753,12 +1753,27 @@ def add_generic_args(parser, ipc=10, out=None):
     return g
 
 
+NUMBER_RULES = {">= 1": lambda v: v >= 1, ">= 0": lambda v: v >= 0, "> 0": lambda v: v > 0,
+                "in (0, 1]": lambda v: 0 < v <= 1, "in [0, 1]": lambda v: 0 <= v <= 1, "in [0, 1)": lambda v: 0 <= v < 1,
+                "in [0, 0.5]": lambda v: 0 <= v <= 0.5}
+
+
+def check_numbers(args, rules):
+    """Refuse a numeric flag outside its rule in one sentence, before any work (an --epochs 0 read as "the
+    preset's" would train for minutes on a typo). `rules`: {rule (a NUMBER_RULES key): "flag_a flag_b ..."};
+    unset flags (None) are skipped; a flag of several numbers (--std) is checked number by number."""
+    for rule, names in rules.items():
+        for name in names.split():
+            value = getattr(args, name, None)
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if value is not None and not all(math.isfinite(v) and NUMBER_RULES[rule](v) for v in values):
+                raise UserError(f"--{name.replace('_', '-')} must be {rule}, not {' '.join(map(str, values))}")
+
+
 def eval_on(args):
     """--eval/--no-eval as given, else on for digits only (every script the same way). A zero or negative
     --eval-epochs/--eval-repeats is refused here, before any work (it would silently mean the preset's)."""
-    for name in ("eval_epochs", "eval_repeats"):
-        if getattr(args, name, None) is not None and getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, not {getattr(args, name)}")
+    check_numbers(args, {">= 1": "eval_epochs eval_repeats"})
     if getattr(args, "eval", None) is None:
         args.eval = args.dataset == "digits"
     return args.eval

@@ -280,13 +280,10 @@ def main(argv=None):
     info = common.dataset_info(args.dataset)
     out_size = args.out_size or info.size
     # --- checks: every bad input stops here, before any output is touched ---
-    for flag in ("ipc", "prototypes", "km_expand", "steps", "batch_size", "encode_batch_size", "out_size"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise common.UserError(f"--{flag.replace('_', '-')} must be at least 1")
+    common.check_numbers(args, {">= 1": "ipc prototypes km_expand steps batch_size encode_batch_size out_size size "
+                                        "ttm_batch_size", ">= 0": "ttm_epochs guidance_scale workers", "in (0, 1]": "strength"})
     if args.prototypes > args.ipc:
         raise common.UserError(f"--prototypes {args.prototypes} exceeds --ipc {args.ipc}: each prototype gives at least one image")
-    if not 0 < args.strength <= 1:
-        raise common.UserError(f"--strength must be in (0, 1], not {args.strength}")
     if args.eval and args.eval_protocol == "fkd" and args.ttm_epochs < 1:
         raise common.UserError("--eval-protocol fkd (the default evaluation, on by default for digits) replays stored "
                                "TTM labels: set --ttm-epochs to at least 1, or pass --eval-protocol rded or --no-eval")

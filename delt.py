@@ -496,11 +496,8 @@ def mean_of(values):
 def main(argv=None):
     args = common.apply_presets(build_parser().parse_args(argv), PRESETS, DEFAULTS)
     common.eval_on(args)
-    for flag, bad, rule in (("ipc", args.ipc < 1, ">= 1"), ("batch-size", args.batch_size < 1, ">= 1"),
-                            ("iterations", args.iterations < 1, ">= 1"), ("lr", args.lr <= 0, "> 0"),
-                            ("milestone", args.milestone < 0, ">= 0"), ("jitter", args.jitter < 0, ">= 0")):
-        if bad:
-            raise common.UserError(f"--{flag} must be {rule}, not {getattr(args, flag.replace('-', '_'))}")
+    common.check_numbers(args, {">= 1": "ipc batch_size iterations", "> 0": "lr std",
+                                ">= 0": "milestone jitter r_bn first_bn_multiplier workers"})
     if args.early_late and (args.round_itr <= 0 or args.iterations % args.round_itr):
         raise common.UserError(f"EarlyLate needs --iterations ({args.iterations}) to be a positive multiple of "
                                f"--round-itr ({args.round_itr}); or pass --no-early-late")

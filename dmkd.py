@@ -191,9 +191,9 @@ def parse_args(argv=None):
         if args.stage == "synthesize":
             raise common.UserError("--syn-data-path trains on an existing folder: it cannot go with --stage synthesize")
         args.stage = "distill"
-    for name in ("ipc", "steps", "per_seed", "gen_batch", "epochs", "batch_size", "eval_every"):
-        if getattr(args, name) < 1:
-            raise common.UserError(f"--{name.replace('_', '-')} must be at least 1")
+    common.check_numbers(args, {">= 1": "ipc steps per_seed gen_batch epochs batch_size eval_every resolution",
+                                "> 0": "lr temperature std", ">= 0": "weight_decay mix_alpha guidance_scale workers",
+                                "in [0, 1)": "momentum"})
     try:
         args.milestones = ",".join(str(int(m)) for m in str(args.milestones).split(",") if m.strip())
     except ValueError:

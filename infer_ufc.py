@@ -337,6 +337,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     common.apply_presets(args, PRESETS, DEFAULTS)
     common.eval_on(args)
+    common.check_numbers(args, {">= 1": "ipc iterations class_chunk", "> 0": "lr",
+                                ">= 0": "r_bn first_bn_multiplier jitter dwa_steps rho r_var workers"})
     args.baseline = args.baseline or ("random" if args.dataset == "digits" else "none")
     info = common.dataset_info(args.dataset)
     C = info.num_classes

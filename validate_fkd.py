@@ -1049,25 +1049,11 @@ def export_ddranking(args, folder, images, targets, rows, out_dir, d, stored=Non
     return spec
 
 
-# the numeric flags a user can get wrong, with their rule: refused in one sentence before anything runs (an
-# --epochs 0 read as "the preset's" would train for minutes on a typo)
-NUMBER_RULES = [(("random_real", "ipc", "repeats", "baseline_ipc", "relabel_epochs", "relabel_batch_size", "hard_epochs",
-                  "full_epochs", "epochs", "batch_size", "eval_every", "factor"), lambda v: v >= 1, ">= 1"),
-                (("lr", "temperature", "alpha", "gamma"), lambda v: v > 0, "> 0"),
-                (("weight_decay", "workers", "color_jitter", "lighting"), lambda v: v >= 0, ">= 0"),
-                (("min_scale",), lambda v: 0 < v <= 1, "in (0, 1]"),
-                (("eval_from", "lrs_lambda"), lambda v: 0 <= v <= 1, "in [0, 1]"),
-                (("full_top1",), lambda v: 0 <= v <= 100, "a top-1 % in [0, 100]")]
-
-
-def check_numbers(args):
-    for names, ok, rule in NUMBER_RULES:
-        for name in names:
-            value = getattr(args, name, None)
-            if value is not None and not (math.isfinite(value) and ok(value)):
-                raise common.UserError(f"--{name.replace('_', '-')} must be {rule}, not {value}")
-    if args.std is not None and not all(math.isfinite(v) and v > 0 for v in args.std):
-        raise common.UserError(f"--std must be three numbers > 0, not {' '.join(map(str, args.std))}")
+# the numeric flags a user can get wrong, each with its rule (common.check_numbers)
+FLAG_RULES = {">= 1": "random_real ipc repeats baseline_ipc relabel_epochs relabel_batch_size hard_epochs full_epochs "
+                      "epochs batch_size eval_every factor",
+              "> 0": "lr temperature alpha gamma std", ">= 0": "weight_decay workers color_jitter lighting",
+              "in (0, 1]": "min_scale", "in [0, 1]": "eval_from lrs_lambda"}
 
 
 def main(argv=None, closing=True, norm_source=None):
@@ -1075,7 +1061,9 @@ def main(argv=None, closing=True, norm_source=None):
     own set prints it instead, with its own facts); `norm_source`: why the --mean/--std a script passes
     are what they are (printed instead of "--mean/--std", which its user did not pass)."""
     args = build_parser().parse_args(argv)
-    check_numbers(args)
+    common.check_numbers(args, FLAG_RULES)
+    if args.full_top1 is not None and not 0 <= args.full_top1 <= 100:
+        raise common.UserError(f"--full-top1 is a top-1 % in [0, 100], not {args.full_top1}")
     method, source = choose_preset(args)
     args = resolve(args, method)
     args.norm_source = norm_source or args.norm_source

@@ -128,7 +128,8 @@ def test_numbers_out_of_range_are_refused_before_any_work(tmp_path):
                            (["--lr", "-1"], "--lr must be > 0, not -1.0"),
                            (["--min-scale", "1.5"], "--min-scale must be in (0, 1], not 1.5"),
                            (["--eval-from", "nan"], "--eval-from must be in [0, 1], not nan"),
-                           (["--std", "0.3", "0", "0.3"], "--std must be three numbers > 0, not 0.3 0.0 0.3")]:
+                           (["--std", "0.3", "0", "0.3"], "--std must be > 0, not 0.3 0.0 0.3"),
+                           (["--full-top1", "101"], "--full-top1 is a top-1 % in [0, 100], not 101.0")]:
         with pytest.raises(common.UserError) as e:
             validate_fkd.main(["--syn-data-path", str(out), *flags])
         assert str(e.value) == message
@@ -141,6 +142,23 @@ def test_numbers_out_of_range_are_refused_before_any_work(tmp_path):
     proc = run_script("validate_fkd.py", "--syn-data-path", tmp_path / "empty", check=False)
     fails_with(proc, f"error: {tmp_path / 'empty'} holds no class folders: a set is one folder per class")
     assert "classes.json" not in proc.stdout + proc.stderr and os.listdir(tmp_path / "empty") == []
+
+
+@pytest.mark.parametrize("script,flags,message", [
+    ("delt", ["--r-bn", "-1"], "--r-bn must be >= 0, not -1.0"),
+    ("infer_ufc", ["--iterations", "0"], "--iterations must be >= 1, not 0"),
+    ("d4m", ["--guidance-scale", "-1"], "--guidance-scale must be >= 0, not -1.0"),
+    ("d4m", ["--strength", "0"], "--strength must be in (0, 1], not 0.0"),
+    ("vlcp", ["--contamination", "0.7"], "--contamination must be in [0, 0.5], not 0.7"),
+    ("vlcp", ["--eval-epochs", "0"], "--eval-epochs must be >= 1, not 0"),
+    ("dmkd", ["--momentum", "1"], "--momentum must be in [0, 1), not 1.0"),
+    ("dmkd", ["--lr", "inf"], "--lr must be > 0, not inf")])
+def test_a_method_flag_out_of_range_is_refused_before_any_work(tmp_path, script, flags, message):
+    import importlib
+    out = tmp_path / "out"
+    with pytest.raises(common.UserError) as e:
+        importlib.import_module(script).main([*flags, "--out", str(out)])
+    assert str(e.value) == message and not out.exists() and os.listdir(tmp_path) == []
 
 
 def test_captions_file_lacking_images_says_how_many_and_the_first(tmp_path):
