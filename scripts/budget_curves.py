@@ -205,9 +205,9 @@ def main(argv=None):
     p.add_argument("--protocols", nargs="+", default=["own", "hard"], choices=("own", "hard"),
                    help="own: the method's evaluation preset; hard: class labels with cutmix, --preset none")
     p.add_argument("--epochs", nargs="+", type=int, default=[10, 40, 400], help="student epochs at IPC 1")
-    p.add_argument("--epochs-ipc10", nargs="+", type=int, default=IPC10_EPOCHS,
-                   help="student epochs at every IPC above 1 (an epoch there is more optimiser steps; D4M's own "
-                        "protocol also gets 400 with these defaults: its TTM batch of 100 is one step per epoch)")
+    p.add_argument("--epochs-ipc10", nargs="+", type=int, default=None,
+                   help=f"student epochs at every IPC above 1 (an epoch there is more optimiser steps); default "
+                        f"{IPC10_EPOCHS}, and 400 more for D4M's own protocol (its TTM batch of 100 is one step per epoch)")
     p.add_argument("--claims", action="store_true", help="also each paper's ablation (see the header)")
     p.add_argument("--claims-epochs", nargs="+", type=int, default=[40, 400],
                    help="the default student budget and a converged one, at IPC 1 and 2")
@@ -228,8 +228,8 @@ def main(argv=None):
             if m == "infer_ufc" and ipc < smallest_infer_ipc():  # K = 0: INFER at its smallest IPC
                 ipc_m = smallest_infer_ipc()
             for proto in args.protocols:
-                long = [LONG_CELL[m, proto]] if ipc > 1 and (m, proto) in LONG_CELL and args.epochs_ipc10 == IPC10_EPOCHS else []
-                for e in (args.epochs if ipc == 1 else args.epochs_ipc10 + long):
+                long = [LONG_CELL[m, proto]] if ipc > 1 and (m, proto) in LONG_CELL and args.epochs_ipc10 is None else []
+                for e in (args.epochs if ipc == 1 else (args.epochs_ipc10 or IPC10_EPOCHS) + long):
                     rows.append(row(m, ipc_m, proto, e, args))
     device = f"cpu, {torch.get_num_threads()} threads, {os.cpu_count()} cores"
     print(f"\ndigits, conv3 students and teacher, {args.repeats} students per cell, best top-1 % (mean ± population std); "
