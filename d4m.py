@@ -97,7 +97,7 @@ DEFAULTS = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + "\n\nWith no flags (digits, IPC 10): 400 s on 2 idle CPU cores with a fresh cache (the digits VAE and "
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + "\n\nWith no flags (digits, IPC 10): 392 s on 2 idle CPU cores with a fresh cache (the digits VAE and "
                                 "Stable Diffusion trained first; a rerun loads them; README 'How long it takes').", formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_generic_args(p, ipc=10, out="runs/d4m_<dataset>_ipc<ipc>")
     g = p.add_argument_group("generator (Stable Diffusion, D4M:distillation/gen_prototype.py:L123)")

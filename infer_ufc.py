@@ -14,8 +14,8 @@ written as K*(M+1) images per class, plus the compact form the budget counts (uf
 files) and the teachers' mean logits per image (soft_labels.pt) for static labelling.
 
   uv run python infer_ufc.py               # digits, IPC 10, teachers conv3+conv4+conv5 (each trained
-                                           # on first use in ~1 min): K=7, 28 files/class, 21 UFCs;
-                                           # ~75 s of CPU time with OMP_NUM_THREADS=1 (to be re-measured)
+                                           # on first use): K=7, 28 files/class, 21 UFCs; 269 s wall
+                                           # on 2 idle cores with a fresh cache, 3 + 3 students included
   uv run python infer_ufc.py --ipc 50 --eval --eval-protocol dynamic --baseline random
   uv run python infer_ufc.py --dataset cifar100 --data-path data/cifar --ipc 10 --teacher-path \\
       ckpt/r18.pth,ckpt/mbv2.pth,ckpt/effb0.pth,ckpt/shuffle.pth --eval
@@ -89,7 +89,7 @@ DEFAULTS = dict(first_bn_multiplier=10.0, r_var=1.0, dwa_steps=0, rho=0.0, teach
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + "\n\nWith no flags (digits, IPC 10) and a fresh "
                                 "cache it first trains the conv3, conv4 and conv5 teachers, then 21 UFCs and 3 + 3 "
-                                "students: many minutes on 2 CPU cores (README 'How long it takes').",
+                                "students: 269 s on 2 idle CPU cores (521 s of CPU time; README 'How long it takes').",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_generic_args(p, ipc=10, out="runs/infer_ufc_<dataset>_ipc<ipc>")
     g = p.add_argument_group("teachers (UFC:ufc_generation/ufc_cifar.py:136-185)")
