@@ -170,7 +170,10 @@ def plot(rows, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    keys = sorted({(r["method"], r["ipc"]) for r in rows}, key=lambda k: (k[1] > 1, METHODS.index(k[0]), k[1]))
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    # one row for the smallest sets (IPC 1, INFER's IPC 2), one for IPC 10, ...
+    keys = sorted({(r["method"], r["ipc"]) for r in rows}, key=lambda k: (k[1] > smallest_infer_ipc(), k[1] if k[1] > 2 else 0,
+                                                                        METHODS.index(k[0])))
     cols = min(5, len(keys))
     fig, axes = plt.subplots(-(-len(keys) // cols), cols, figsize=(3.2 * cols, 2.9 * -(-len(keys) // cols)), squeeze=False)
     colours = {"own": "tab:blue", "hard": "tab:red"}
@@ -184,6 +187,10 @@ def plot(rows, path):
             ax.errorbar([r["random_steps"] for r in rs], [r["random"][0] for r in rs], yerr=[r["random"][1] for r in rs],
                         fmt="s--", color=colours[proto], alpha=0.6, capsize=2, label=f"random real, {proto}")
         ax.set_xscale("log")
+        ax.set_xlim(7, 600)
+        ax.set_xticks([10, 20, 50, 100, 200, 400])
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_ylim(0, 100)
         ax.set_title(f"{m}, IPC {ipc}", fontsize=9)
         ax.set_xlabel("optimiser steps per student", fontsize=8)
