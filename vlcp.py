@@ -692,8 +692,9 @@ def main(argv=None):
                                 ">= 0": "finetune_epochs caption_temperature guidance_scale workers",
                                 "in [0, 0.5]": "contamination", "in [0, 1]": "threshold", "in [0, 1)": "ema_decay",
                                 "in (0, 1]": "strength"})
-    if args.ipc < 1 or (args.max_per_class is not None and args.max_per_class < args.ipc):
-        raise common.UserError(f"--ipc {args.ipc} must be >= 1 and <= --max-per-class {args.max_per_class}")
+    common.check_numbers(args, {">= 1": "ipc"})
+    if args.max_per_class is not None and args.max_per_class < args.ipc:
+        raise common.UserError(f"--ipc {args.ipc} must be <= --max-per-class {args.max_per_class}")
     if args.eval and not os.path.isfile(os.path.join(common.ROOT, "validate_fkd.py")):
         raise common.UserError("validate_fkd.py is missing next to vlcp.py; --eval needs it")
     if args.captioner == COMPUTED and args.dataset != "digits":

@@ -151,6 +151,8 @@ def test_numbers_out_of_range_are_refused_before_any_work(tmp_path):
     ("d4m", ["--strength", "0"], "--strength must be in (0, 1], not 0.0"),
     ("vlcp", ["--contamination", "0.7"], "--contamination must be in [0, 0.5], not 0.7"),
     ("vlcp", ["--eval-epochs", "0"], "--eval-epochs must be >= 1, not 0"),
+    ("vlcp", ["--ipc", "0"], "--ipc must be >= 1, not 0"),
+    ("vlcp", ["--ipc", "5", "--max-per-class", "4"], "--ipc 5 must be <= --max-per-class 4"),
     ("dmkd", ["--momentum", "1"], "--momentum must be in [0, 1), not 1.0"),
     ("dmkd", ["--lr", "inf"], "--lr must be > 0, not inf")])
 def test_a_method_flag_out_of_range_is_refused_before_any_work(tmp_path, script, flags, message):
