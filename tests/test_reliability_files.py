@@ -355,6 +355,28 @@ def test_sigterm_to_the_process_group_with_workers_is_a_clean_stop(tmp_path, fir
     assert "DataLoader worker" not in err and hashes(folder) == before
 
 
+@pytest.mark.parametrize("signalled", [True, False])
+def test_a_worker_that_quits_before_the_main_process_is_signalled(signalled):
+    """The race behind the "workers" case above, made certain: the DataLoader reports a worker gone before the
+    stop reaches the main process (0.5 s later). That is the stop (exit 143, one line); with no signal following,
+    the worker's failure is reported as it is, after a wait of a few seconds."""
+    code = ("import os, signal, sys, threading, common\n"
+            f"sys.path.insert(0, {ROOT!r})\n"
+            "def main():\n"
+            f"    if {signalled}: threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()\n"
+            "    raise RuntimeError('DataLoader worker (pid(s) 1) exited unexpectedly')\n"
+            "common.run_cli(main)\n")
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=script_env(), capture_output=True, text=True,
+                          timeout=120)
+    if signalled:
+        fails_with(proc, "interrupted: rerun the same command to resume", 143)
+        assert "DataLoader worker" not in proc.stderr
+    else:
+        assert proc.returncode == 1 and proc.stderr.strip().endswith("exited unexpectedly"), proc.stderr
+        assert time.time() - t0 >= 3
+
+
 def test_damaged_cached_latents_are_encoded_again(tiny_sd, tmp_path, monkeypatch, capsys):
     import d4m
     monkeypatch.setenv("DD_CACHE", str(tmp_path / "cache"))
