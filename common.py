@@ -111,15 +111,6 @@ def _worker_stopped(e):
         bool(_SIGNALLED) or "Terminated" in str(e) or "Interrupt" in str(e))
 
 
-def _await_stop(seconds=3.0):
-    """A worker quit (quiet_worker exits on SIGTERM) before this process saw a signal: a stop sent to the
-    workers first reaches this process moments later, and its handler raises KeyboardInterrupt out of this
-    wait. A worker that crashed on its own lets the wait end, and its error is reported as it is."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
 def run_cli(main):
     """Run a script's main(); a UserError (also one raised in a DataLoader worker or another torchrun
     process) becomes one line on stderr and exit code 2; SIGINT (Ctrl-C) and SIGTERM stop the run with
@@ -132,8 +123,8 @@ def run_cli(main):
         try:
             main()
         except RuntimeError as e:
-            if "DataLoader worker" in str(e) and not _SIGNALLED:
-                _await_stop()
+            if "DataLoader worker" in str(e) and not _SIGNALLED:  # a stop sent to the workers first reaches this
+                time.sleep(3)  # process moments later; its handler raises KeyboardInterrupt out of the sleep
             if _worker_stopped(e):  # a worker reached by the same stop first: the stop, not a failure
                 raise KeyboardInterrupt(*([signal.SIGTERM] if signal.SIGTERM in _SIGNALLED or "Terminated" in str(e)
                                           else [])) from None

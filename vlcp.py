@@ -686,13 +686,12 @@ def main(argv=None):
         common.check_out_folder(args.finetuned, "--finetuned")
     if args.captions and not os.path.lexists(args.captions):  # a captions file to write
         common.check_out_folder(os.path.dirname(os.path.abspath(args.captions)), "the folder of --captions")
-    common.check_numbers(args, {">= 1": "max_per_class caption_batch_size caption_max_tokens ft_res ft_batch_size "
+    common.check_numbers(args, {">= 1": "ipc max_per_class caption_batch_size caption_max_tokens ft_res ft_batch_size "
                                         "grad_accum ft_max_steps checkpointing_steps size encode_batch_size "
                                         "lof_neighbors tpk steps out_size synth_batch_size",
                                 ">= 0": "finetune_epochs caption_temperature guidance_scale workers",
                                 "in [0, 0.5]": "contamination", "in [0, 1]": "threshold", "in [0, 1)": "ema_decay",
                                 "in (0, 1]": "strength"})
-    common.check_numbers(args, {">= 1": "ipc"})
     if args.max_per_class is not None and args.max_per_class < args.ipc:
         raise common.UserError(f"--ipc {args.ipc} must be <= --max-per-class {args.max_per_class}")
     if args.eval and not os.path.isfile(os.path.join(common.ROOT, "validate_fkd.py")):

@@ -360,8 +360,7 @@ def test_a_worker_that_quits_before_the_main_process_is_signalled(signalled):
     """The race behind the "workers" case above, made certain: the DataLoader reports a worker gone before the
     stop reaches the main process (0.5 s later). That is the stop (exit 143, one line); with no signal following,
     the worker's failure is reported as it is, after a wait of a few seconds."""
-    code = ("import os, signal, sys, threading, common\n"
-            f"sys.path.insert(0, {ROOT!r})\n"
+    code = ("import os, signal, threading, common\n"
             "def main():\n"
             f"    if {signalled}: threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()\n"
             "    raise RuntimeError('DataLoader worker (pid(s) 1) exited unexpectedly')\n"
