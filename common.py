@@ -122,6 +122,9 @@ def run_cli(main):
     try:
         try:
             main()
+            if dist.is_available() and dist.is_initialized():  # left to exit, gloo's threads may abort the process
+                barrier()                                     # ("terminate called without an active exception")
+                dist.destroy_process_group()
         except RuntimeError as e:
             if "DataLoader worker" in str(e) and not _SIGNALLED:  # a stop sent to the workers first reaches this
                 time.sleep(3)  # process moments later; its handler raises KeyboardInterrupt out of the sleep
